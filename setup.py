@@ -1,0 +1,41 @@
+"""Llama 2, the whole recipe, in JAX/Flax: pretraining, SFT with Ghost Attention, reward models,
+rejection sampling, PPO and safety context distillation, from one CPU to a TPU pod slice."""
+
+import setuptools
+
+# Versions that resolve and run together on Python 3.11 (checked on CPU; libtpu via the extra).
+JAX_VERSION = "0.10.2"
+INSTALL_REQUIRES = [
+    f"jax=={JAX_VERSION}",
+    f"jaxlib=={JAX_VERSION}",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "grain==0.2.18",
+    "sentencepiece==0.2.3",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "safetensors==0.8.0",
+    "matplotlib==3.11.2",
+]
+
+EXTRAS_REQUIRE = {
+    # The external references the tests compare against: PyTorch Llama from transformers.
+    "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0"],
+    # libtpu: run on TPU, and compile for TPU topologies on a CPU host (`lm aot`).
+    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+}
+
+setuptools.setup(
+    name="lm",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["lm", "lm.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["lm = lm.cli:main"]},
+)

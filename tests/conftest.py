@@ -1,0 +1,21 @@
+"""Test set-up: 8 fake CPU devices, so every sharded code path runs in every test.
+
+The flag must be set before JAX is imported anywhere, which is why it lives here.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+  assert jax.device_count() == 8, "tests expect 8 fake CPU devices; XLA_FLAGS was set too late"
