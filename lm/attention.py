@@ -1,0 +1,145 @@
+"""Causal grouped-query attention behind one signature, with three implementations.
+
+  xla     the reference: einsums and a float32 softmax, any mask, any device.
+  cudnn   `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs; XLA elsewhere).
+  splash  the Pallas TPU splash-attention kernel (interpret mode off TPU, for tests).
+
+All take q [B, T, N, H], k and v [B, S, K, H] with N a multiple of K (query head j uses KV head
+j // (N // K), Meta's `repeat_kv` grouping), segment ids for both sides (0 marks padding; tokens
+attend only within their own segment, so packed examples never see each other), and the slot of
+every query and key (causal: a query sees keys at slots <= its own). Kernels handle the square
+self-attention case (T == S, slots 0..T-1); decoding against a KV cache always uses `xla`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from lm import sharding
+
+# Large but finite, so a row whose keys are all masked (padding) gives a harmless uniform average
+# rather than NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def make_mask(
+    q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+    q_slots: jax.Array, kv_slots: jax.Array,
+) -> jax.Array:
+  """Boolean mask [B, T, S]: same segment and key slot <= query slot.
+
+  Args:
+    q_segment_ids: [B, T] int. kv_segment_ids: [B, S] int.
+    q_slots: [B, T] or [T] int, position of each query in the key sequence.
+    kv_slots: [S] int.
+  """
+  q_slots = jnp.broadcast_to(q_slots, q_segment_ids.shape)
+  causal = kv_slots[None, None, :] <= q_slots[:, :, None]
+  same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  return causal & same_segment
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Reference attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] bool -> [B,T,N,H]."""
+  batch, q_len, n_heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, q_len, kv_heads, n_heads // kv_heads, head_dim)
+  scores = jnp.einsum(
+      "BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32
+  ) * (head_dim ** -0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(batch, q_len, n_heads, head_dim)
+
+
+def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids) -> jax.Array:
+  """`jax.nn.dot_product_attention`; cuDNN's fused kernel on GPU, XLA's elsewhere."""
+  mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+  implementation = "cudnn" if jax.default_backend() == "gpu" else None
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=True, implementation=implementation
+  )
+
+
+def _splash_kernel(n_heads: int, seq_len: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  block = min(512, seq_len)
+  sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block,
+      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+      block_q_dq=block, block_kv_dq=block,
+  )
+  mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len))] * n_heads)
+  return splash.make_splash_mha(
+      mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  ), splash.SegmentIds
+
+
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret=None) -> jax.Array:
+  """The Pallas splash kernel, under `shard_map` when a mesh is active (batch and heads split)."""
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  head_dim = q.shape[-1]
+
+  def per_shard(q, k, v, q_seg, kv_seg):
+    kernel, segment_ids = _splash_kernel(q.shape[2], q.shape[1], interpret)
+    # The kernel takes [heads, length, head_dim] and leaves scaling to the caller.
+    q = jnp.swapaxes(q, 1, 2) * (head_dim ** -0.5)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=segment_ids(qs, ks)))(
+        q, k, v, q_seg, kv_seg
+    )
+    return jnp.swapaxes(out, 1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
+  batch_axes = sharding.logical_to_spec(("batch",), sharding.current_rules(), mesh, q.shape[:1])[0]
+  head_axes = sharding.logical_to_spec(
+      ("act_kv_heads",), sharding.current_rules(), mesh, k.shape[2:3]
+  )[0]
+  qkv_spec = P(batch_axes, None, head_axes, None)
+  seg_spec = P(batch_axes, None)
+  return jax.shard_map(
+      per_shard, mesh=mesh,
+      in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec), out_specs=qkv_spec,
+      check_vma=False,
+  )(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
+    q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+    q_slots: jax.Array | None = None, impl: str = "xla",
+) -> jax.Array:
+  """Causal attention with segment masking.
+
+  Args:
+    q: [B, T, N, H]. k, v: [B, S, K, H].
+    q_segment_ids: [B, T]; kv_segment_ids: [B, S]. Equal ids attend; 0 is padding.
+    q_slots: [B, T] or [T], each query's slot among the S keys. None means self-attention over
+      the same T positions (T == S), the case the fused kernels implement.
+    impl: "xla", "cudnn" or "splash"; with `q_slots` given, "xla" is always used.
+
+  Returns:
+    [B, T, N, H] in v's dtype.
+  """
+  square = q_slots is None
+  if square and q.shape[1] != k.shape[1]:
+    raise ValueError(f"self-attention needs T == S, got q {q.shape} and k {k.shape}")
+  if impl == "splash" and square:
+    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  if impl == "cudnn" and square:
+    return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  if impl not in ("xla", "splash", "cudnn"):
+    raise ValueError(f"unknown attention implementation {impl!r}")
+  kv_slots = jnp.arange(k.shape[1])
+  mask = make_mask(q_segment_ids, kv_segment_ids, kv_slots if square else q_slots, kv_slots)
+  return xla_attention(q, k, v, mask)
+

@@ -1,0 +1,319 @@
+"""The Llama 2 model in Flax NNX, used functionally (LLAMA2.md §1.4).
+
+Modules only declare parameters and compute: `__call__` is a pure function of its inputs, the
+KV cache goes in and comes out as an argument, and there is no dropout or RNG. Library code splits
+a model into (graphdef, params) once and calls `apply` inside `jax.jit`; see `create`.
+
+Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.attention.wq`, ...), so
+conversion is a renaming table. Layers are stacked on a leading `layers` axis and run with
+`jax.lax.scan`, which keeps compile time flat in depth. RoPE uses the rotate-half layout (pairs
+`(x[i], x[i + H/2])`, as in Hugging Face checkpoints); Meta checkpoints are permuted on import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lm import sharding
+from lm.attention import attention
+from lm.configs import ModelConfig
+
+Params = Any  # a nested dict of arrays: the pure-dict form of the model's nnx.State
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer for S slots, and which slots are filled.
+
+  k, v: [L, B, S, K, H] in the compute dtype. segment_ids: [B, S] (0 = padding or not yet
+  written). index: scalar int32, the number of slots written so far (the same for every row:
+  prompts are left-padded, see lm/sampling.py).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  segment_ids: jax.Array
+  index: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+  """An empty cache for `batch` rows and `length` slots."""
+  shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.compute_dtype)
+  return KVCache(
+      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+      segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32),
+  )
+
+
+def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, names, init="normal") -> nnx.Param:
+  dtype = jnp.dtype(cfg.param_dtype)
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = cfg.init_std * jax.random.normal(rngs.params(), shape, dtype)
+  # Sharding is applied by `create` from these names (with divisibility checks), not eagerly.
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, then scaled by a gain."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.weight = _param(rngs, cfg, (cfg.dim,), ("embed",), init="ones")
+    self.eps = cfg.norm_eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """sin, cos [B, T, H/2] in float32 for integer positions [B, T]."""
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotates pairs (x[i], x[i + H/2]) of x [B, T, heads, H] by the angles in sin/cos [B, T, H/2]."""
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention: N query heads share K key/value heads in contiguous groups."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    self.wq = _param(rngs, cfg, (d, n, h), ("embed", "q_heads", "head_dim"))
+    self.wk = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
+    self.wv = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
+    self.wo = _param(rngs, cfg, (n, h, d), ("q_heads", "head_dim", "embed"))
+    self.impl = cfg.attention
+
+  def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None):
+    dtype = x.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dtype))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dtype))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
+    q = sharding.shard(q, ("batch", "length", "act_heads", None))
+    k = sharding.shard(k, ("batch", "length", "act_kv_heads", None))
+    v = sharding.shard(v, ("batch", "length", "act_kv_heads", None))
+    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+    q, k, v = (checkpoint_name(a, "qkv_proj") for a in (q, k, v))
+    if cache_kv is None:
+      out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                      impl=self.impl)
+      new_kv = None
+    else:
+      cache_k, cache_v = cache_kv
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+      q_slots = index + jnp.arange(q.shape[1])
+      out = attention(q, cache_k.astype(dtype), cache_v.astype(dtype), q_segment_ids=segment_ids,
+                      kv_segment_ids=cache_segment_ids, q_slots=q_slots)
+      new_kv = (cache_k, cache_v)
+    out = sharding.shard(out, ("batch", "length", "act_heads", None))
+    return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype)), new_kv
+
+
+class FeedForward(nnx.Module):
+  """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.dim, cfg.hidden_dim
+    self.w1 = _param(rngs, cfg, (d, f), ("embed", "mlp"))
+    self.w3 = _param(rngs, cfg, (d, f), ("embed", "mlp"))
+    self.w2 = _param(rngs, cfg, (f, d), ("mlp", "embed"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    gate = jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dtype))
+    up = jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dtype))
+    hidden = sharding.shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return jnp.einsum("BTF,FD->BTD", hidden, self.w2[...].astype(dtype))
+
+
+class Block(nnx.Module):
+  """One pre-norm transformer layer."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attention_norm = RMSNorm(cfg, rngs=rngs)
+    self.attention = Attention(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg, rngs=rngs)
+    self.feed_forward = FeedForward(cfg, rngs=rngs)
+
+  def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None):
+    attn_out, new_kv = self.attention(
+        self.attention_norm(x), sin, cos, segment_ids, cache_kv, cache_segment_ids, index
+    )
+    x = sharding.shard(x + attn_out, ("batch", "length", "act_embed"))
+    x = x + self.feed_forward(self.ffn_norm(x))
+    return sharding.shard(x, ("batch", "length", "act_embed")), new_kv
+
+
+# What each scanned layer keeps for the backward pass; everything else is recomputed.
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+}
+
+
+class Transformer(nnx.Module):
+  """Embedding, the stacked layers and the final norm: the backbone every head shares."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.tok_embeddings = _param(rngs, cfg, (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm = RMSNorm(cfg, rngs=rngs)
+
+  def hidden_states(
+      self, tokens: jax.Array, positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states [B, T, D] for tokens [B, T], and the updated cache.
+
+    Args:
+      tokens: [B, T] int token ids.
+      positions: [B, T] int RoPE positions (default 0..T-1; reset per packed example).
+      segment_ids: [B, T] int, 0 for padding (default all ones).
+      cache: a KVCache to write the T new keys/values into at `cache.index` and attend over.
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.compute_dtype)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    x = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(dtype)
+    x = sharding.shard(x, ("batch", "length", "act_embed"))
+    sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+    graphdef, layer_params = nnx.split(self.layers)
+    if cache is None:
+      def body(x, params):
+        x, _ = nnx.merge(graphdef, params)(x, sin, cos, segment_ids)
+        return x, None
+      xs = layer_params
+    else:
+      cache_segment_ids = jax.lax.dynamic_update_slice(
+          cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index)
+      )
+      def body(x, inputs):
+        params, k, v = inputs
+        x, kv = nnx.merge(graphdef, params)(
+            x, sin, cos, segment_ids, (k, v), cache_segment_ids, cache.index
+        )
+        return x, kv
+      xs = (layer_params, cache.k, cache.v)
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
+    x, new_kv = jax.lax.scan(body, x, xs)
+    x = self.norm(x)
+    if cache is not None:
+      cache = KVCache(new_kv[0], new_kv[1], cache_segment_ids, cache.index + tokens.shape[1])
+    return x, cache
+
+
+class Llama(Transformer):
+  """The language model: backbone plus an untied output projection [D, V]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.output = _param(rngs, cfg, (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+    """Logits [B, T, V] in float32 for tokens [B, T], and the updated cache (see hidden_states)."""
+    x, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    logits = jnp.einsum("BTD,DV->BTV", x, self.output[...].astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return sharding.shard(logits, ("batch", "length", "act_vocab")), cache
+
+
+class ScalarModel(Transformer):
+  """Backbone plus a scalar head [D]: the reward models and the PPO value model."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.score = nnx.Param(jnp.zeros((cfg.dim,), jnp.dtype(cfg.param_dtype)),
+                           out_sharding=("embed",), eager_sharding=False)
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+    """A scalar per position [B, T] in float32 (read one with `values_at`), and the cache."""
+    x, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    return jnp.einsum("BTD,D->BT", x.astype(jnp.float32), self.score[...].astype(jnp.float32)), cache
+
+
+def values_at(values: jax.Array, index: jax.Array) -> jax.Array:
+  """values [B, T] read at one position per row, index [B] -> [B] (e.g. each answer's last token)."""
+  return jnp.take_along_axis(values, index[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+HEADS = {"lm": Llama, "scalar": ScalarModel}
+
+
+def abstract_model(cfg: ModelConfig, head: str = "lm"):
+  """(graphdef, abstract nnx.State) without allocating anything."""
+  if head not in HEADS:
+    raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+  return nnx.split(nnx.eval_shape(lambda: HEADS[head](cfg, rngs=nnx.Rngs(0))))
+
+
+def create(
+    cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules = sharding.DEFAULT_RULES, *, seed: int = 0, head: str = "lm",
+) -> tuple[nnx.GraphDef, Params]:
+  """Initialises a model with every parameter created directly on its sharding.
+
+  Returns (graphdef, params) where params is a nested dict of arrays; call with `apply`.
+  """
+  graphdef, abstract = abstract_model(cfg, head)
+  shardings = None
+  if mesh is not None:
+    shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, rules))
+
+  @jax.jit
+  def init():
+    return nnx.to_pure_dict(nnx.state(HEADS[head](cfg, rngs=nnx.Rngs(seed))))
+
+  if shardings is not None:
+    init = jax.jit(init, out_shardings=shardings)
+  return graphdef, init()
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES, head: str = "lm"):
+  """The NamedSharding of every parameter, as a nested dict shaped like the params."""
+  _, abstract = abstract_model(cfg, head)
+  return nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, rules))
+
+
+def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding.DEFAULT_RULES, head: str = "lm"):
+  """ShapeDtypeStructs of every parameter (with shardings when a mesh is given)."""
+  _, abstract = abstract_model(cfg, head)
+  shapes = nnx.to_pure_dict(abstract)
+  if mesh is None:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), shapes)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, param_shardings(cfg, mesh, rules, head))
+
+
+def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, **kwargs):
+  """Runs the model given by (graphdef, params); kwargs as in `Llama.__call__`."""
+  return nnx.merge(graphdef, params)(tokens, **kwargs)

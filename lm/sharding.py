@@ -1,0 +1,193 @@
+"""Meshes, logical axis names, and the rules that map one onto the other.
+
+Every parameter carries logical names (`vocab`, `embed`, `q_heads`, `kv_heads`, `head_dim`, `mlp`,
+`layers`) and every key activation too (`batch`, `length`, `act_embed`, `act_heads`, ...). One
+rules table maps logical names to mesh axes (`dcn`, `data`, `fsdp`, `tensor`). Moving between one
+CPU, 8 fake devices and a pod slice is a change of mesh shape; FSDP versus tensor parallelism is a
+change of rules. Activations have their own names because the same tensor dimension is sharded
+differently as a parameter (`embed` over `fsdp`) and as an activation (batch over `fsdp`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# FSDP over `fsdp`, tensor parallelism over `tensor`, data parallelism over `data` and `dcn`.
+DEFAULT_RULES: Rules = (
+    # activations
+    ("batch", ("dcn", "data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_length", None),
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+)
+
+# Generation is decode-bound: gathering FSDP shards every step is what made generation under FSDP
+# ~20x slower in the paper (LLAMA2.md §7.3). Rollouts keep tensor parallelism and replicate the rest.
+ROLLOUT_RULES: Rules = tuple(
+    (name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes. One size may be -1: it takes the devices that are left."""
+
+  dcn: int = 1
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def shape(self, num_devices: int) -> tuple[int, ...]:
+    sizes = [self.dcn, self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1:
+      raise ValueError(f"at most one mesh axis may be -1, got {self}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes):
+      raise ValueError(f"mesh axis sizes must be positive or -1, got {self}")
+    if -1 in sizes:
+      if num_devices % known:
+        raise ValueError(f"{num_devices} devices cannot fill mesh {self}")
+      sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+      raise ValueError(
+          f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {num_devices}"
+      )
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh with axes (dcn, data, fsdp, tensor) over `devices` (default: all devices).
+
+  Axes are `Auto` so GSPMD propagates shardings from the parameters and the constraints we place
+  on key activations (explicit-sharding meshes would demand an out_sharding on every contraction).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = cfg.shape(len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if len(devices) == len(jax.devices()) and cfg.dcn == 1:
+    # Lets JAX pick a device order that follows the physical interconnect.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def logical_to_spec(
+    names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec.
+
+  With `mesh` and `shape` given, a mesh axis is dropped from a dimension it does not divide (so a
+  2-KV-head model still runs on an 8-way tensor axis, replicated there), and a mesh axis is used
+  at most once per array.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for dim_index, name in enumerate(names):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+    axes = table[name]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = []
+    for axis in axes:
+      if axis in used:
+        continue
+      if mesh is not None:
+        size = mesh.shape[axis]
+        if size == 1:
+          continue
+        if shape is not None:
+          taken = math.prod(mesh.shape[a] for a in kept)
+          if shape[dim_index] % (taken * size):
+            continue
+      kept.append(axis)
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*spec)
+
+
+def _logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
+  names = variable.get_metadata().get("out_sharding")
+  return tuple(names) if names is not None else (None,) * len(variable.shape)
+
+
+def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """NamedShardings for a (possibly abstract) NNX state, from its logical axis names."""
+
+  def one(variable):
+    spec = logical_to_spec(_logical_names(variable), rules, mesh, variable.shape)
+    return variable.replace(NamedSharding(mesh, spec))
+
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+  """Constrains an activation's sharding by logical names, under the current mesh.
+
+  Outside a mesh context (`jax.set_mesh`), or on a single device, this is the identity, so model
+  code is the same on one CPU and on a pod.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  spec = logical_to_spec(names, current_rules() if rules is None else rules, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+_ACTIVE_RULES: list[Rules] = [DEFAULT_RULES]
+
+
+def current_rules() -> Rules:
+  return _ACTIVE_RULES[-1]
+
+
+class use_rules:
+  """Context manager selecting the rules table for activation constraints (e.g. ROLLOUT_RULES).
+
+  Entered where a jitted function is traced: the rules are read at trace time.
+  """
+
+  def __init__(self, rules: Rules):
+    self.rules = rules
+
+  def __enter__(self):
+    _ACTIVE_RULES.append(self.rules)
+    return self.rules
+
+  def __exit__(self, *exc):
+    _ACTIVE_RULES.pop()
+
+
+def data_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+  """Sharding of a batch array [B, ...]: batch over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

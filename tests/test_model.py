@@ -1,0 +1,122 @@
+"""The model: sharding invariance, remat invariance, the KV cache, heads, numerics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm import configs, model, sharding
+
+CFG = configs.get_preset("tiny")
+MESHES = [(1, 8, 1, 1), (1, 1, 8, 1), (1, 1, 1, 8), (1, 2, 2, 2)]  # (dcn, data, fsdp, tensor)
+
+
+def batch(cfg=CFG, b=8, t=16, seed=1):
+  tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size)
+  # Two packed examples per row, positions restarting at the second one.
+  segment_ids = jnp.asarray(np.repeat([[1] * 6 + [2] * (t - 6)], b, 0), jnp.int32)
+  positions = jnp.asarray(np.repeat([list(range(6)) + list(range(t - 6))], b, 0), jnp.int32)
+  return tokens, segment_ids, positions
+
+
+def loss_and_grads(graphdef, params, tokens, segment_ids, positions):
+  def loss(p):
+    logits, _ = model.apply(graphdef, p, tokens, positions=positions, segment_ids=segment_ids)
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  graphdef, params = model.create(CFG, seed=3)
+  tokens, seg, pos = batch()
+  logits = jax.jit(lambda p: model.apply(graphdef, p, tokens, positions=pos, segment_ids=seg)[0])(params)
+  return params, logits, loss_and_grads(graphdef, params, tokens, seg, pos)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=str)
+def test_sharded_forward_and_grads_equal_single_device(single_device, mesh_shape):
+  params1, logits1, (loss1, grads1) = single_device
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  graphdef, params = model.create(CFG, mesh, seed=3)
+  # Parameters are born on their shardings: over all 8 devices, split where the mesh shards them.
+  leaves = jax.tree.leaves(params)
+  assert all(len(p.sharding.device_set) == 8 for p in leaves)
+  model_parallel = mesh_shape[2] * mesh_shape[3] > 1
+  assert any(not p.sharding.is_fully_replicated for p in leaves) == model_parallel
+  tokens, seg, pos = batch()
+  with jax.set_mesh(mesh):
+    tokens, seg, pos = (jax.device_put(a, sharding.data_sharding(mesh)) for a in (tokens, seg, pos))
+    logits = jax.jit(lambda p: model.apply(graphdef, p, tokens, positions=pos, segment_ids=seg)[0])(params)
+    loss, grads = loss_and_grads(graphdef, params, tokens, seg, pos)
+  # fp32 throughout; sharded reductions reorder sums, so allow a few ulps of the values (~1e-1).
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(logits1), atol=1e-5)
+  np.testing.assert_allclose(float(loss), float(loss1), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+               grads, grads1)
+
+
+def test_packed_examples_do_not_see_each_other():
+  graphdef, params = model.create(CFG)
+  tokens, seg, pos = batch(b=1)
+  packed = model.apply(graphdef, params, tokens, positions=pos, segment_ids=seg)[0]
+  second_alone = model.apply(graphdef, params, tokens[:, 6:])[0]
+  np.testing.assert_allclose(np.asarray(packed[:, 6:]), np.asarray(second_alone), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "qkv_proj"])
+def test_remat_policies_do_not_change_gradients(remat):
+  tokens, seg, pos = batch(b=2)
+  graphdef, params = model.create(CFG)
+  _, reference = loss_and_grads(graphdef, params, tokens, seg, pos)
+  graphdef_remat, _ = model.create(CFG.replace(remat=remat))
+  _, grads = loss_and_grads(graphdef_remat, params, tokens, seg, pos)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+               grads, reference)
+
+
+def test_kv_cache_decoding_reproduces_the_uncached_logits():
+  graphdef, params = model.create(CFG)
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
+  full = model.apply(graphdef, params, tokens)[0]
+  cache = model.init_cache(CFG, 2, 20)
+  step = jax.jit(lambda p, t, c, pos: model.apply(graphdef, p, t, cache=c, positions=pos))
+  logits, cache = step(params, tokens[:, :7], cache, jnp.broadcast_to(jnp.arange(7), (2, 7)))
+  pieces = [logits]
+  for i in range(7, 12):
+    logits, cache = step(params, tokens[:, i:i + 1], cache, jnp.full((2, 1), i))
+    pieces.append(logits)
+  assert int(cache.index) == 12
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(full), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  cfg = CFG.replace(compute_dtype="bfloat16")
+  graphdef, params = model.create(cfg)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  tokens, _, _ = batch(cfg, b=2)
+  logits = model.apply(graphdef, params, tokens)[0]
+  assert logits.dtype == jnp.float32
+  reference = model.apply(model.create(CFG)[0], params, tokens)[0]
+  # bf16 has 8 mantissa bits; logits of this size stay within a few percent of fp32.
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), atol=5e-2)
+
+
+def test_scalar_head_shares_the_backbone_and_reads_one_position_per_row():
+  graphdef, params = model.create(CFG, head="scalar")
+  assert set(params) == {"tok_embeddings", "layers", "norm", "score"}
+  params["score"] = jnp.ones_like(params["score"])
+  tokens, _, _ = batch(b=2)
+  values, _ = model.apply(graphdef, params, tokens)
+  assert values.shape == (2, 16)
+  picked = model.values_at(values, jnp.array([3, 9]))
+  np.testing.assert_allclose(np.asarray(picked), np.asarray(values)[[0, 1], [3, 9]])
+
+
+def test_rmsnorm_matches_definition():
+  x = jax.random.normal(jax.random.key(0), (2, 3, CFG.dim))
+  norm = model.RMSNorm(CFG, rngs=nnx.Rngs(0))
+  expected = x / np.sqrt(np.mean(np.asarray(x) ** 2, -1, keepdims=True) + CFG.norm_eps)
+  np.testing.assert_allclose(np.asarray(norm(x)), expected, atol=1e-5)
