@@ -1,0 +1,107 @@
+"""The sampler: cached decoding against plain argmax decoding, padding, EOS, top-k/top-p, meshes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import configs, model, sampling, sharding
+
+CFG = configs.get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return model.create(CFG, seed=7)
+
+
+def argmax_without_cache(graphdef, params, prompt, steps):
+  """The obvious greedy decoder: rerun the whole sequence for every new token."""
+  tokens = list(prompt)
+  forward = jax.jit(lambda p, t: model.apply(graphdef, p, t)[0])
+  for _ in range(steps):
+    logits = forward(params, jnp.asarray([tokens]))
+    tokens.append(int(jnp.argmax(logits[0, -1])))
+  return tokens[len(prompt):]
+
+
+def test_greedy_equals_argmax_decoding_for_prompts_of_different_lengths(tiny):
+  graphdef, params = tiny
+  prompts = [[1, 17, 33, 90, 4], [1, 250], [1, 5, 6, 7, 8, 9, 10, 11]]
+  tokens, segment_ids = sampling.left_pad(prompts)
+  cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=10, eos_id=-1)
+  out = sampling.generate(graphdef, CFG, params, tokens, segment_ids, jax.random.key(0), cfg)
+  for row, prompt in enumerate(prompts):
+    assert out.tokens[row].tolist() == argmax_without_cache(graphdef, params, prompt, 10)
+  assert out.lengths.tolist() == [10, 10, 10]
+
+
+def test_logprobs_are_the_models_own(tiny):
+  graphdef, params = tiny
+  prompt = [1, 17, 33]
+  cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=4, eos_id=-1)
+  out = sampling.generate(graphdef, CFG, params, *sampling.left_pad([prompt]), jax.random.key(0), cfg)
+  sequence = jnp.asarray([prompt + out.tokens[0].tolist()])
+  logp = jax.nn.log_softmax(model.apply(graphdef, params, sequence)[0][0])
+  expected = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(out.tokens[0].tolist())]
+  np.testing.assert_allclose(np.asarray(out.logprobs[0]), expected, atol=1e-5)
+
+
+def test_each_row_stops_at_its_own_eos(tiny):
+  graphdef, params = tiny
+  prompts = [[1, 17, 33, 90, 4], [1, 250]]
+  greedy = sampling.SamplingConfig(temperature=0.0, max_new_tokens=8, eos_id=-1)
+  free = sampling.generate(graphdef, CFG, params, *sampling.left_pad(prompts), jax.random.key(0), greedy)
+  eos = int(free.tokens[0, 2])  # make row 0's third token the "EOS"
+  cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=8, eos_id=eos, pad_id=0)
+  out = sampling.generate(graphdef, CFG, params, *sampling.left_pad(prompts), jax.random.key(0), cfg)
+  row0 = out.tokens[0].tolist()
+  assert row0[:3] == free.tokens[0, :3].tolist() and row0[3:] == [0] * 5
+  assert int(out.lengths[0]) == 3
+  first_eos = free.tokens[1].tolist().index(eos) + 1 if eos in free.tokens[1].tolist() else 8
+  assert int(out.lengths[1]) == first_eos
+
+
+def test_top_p_and_top_k_keep_only_the_allowed_tokens():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  keys = jax.random.split(jax.random.key(0), 1)[0]
+  drawn = np.asarray(sampling.sample_token(logits, keys, temperature=1.0, top_p=0.7))
+  # Mass before token 2 is 0.8 > 0.7, so only tokens 0 and 1 survive, renormalised to 5/8, 3/8.
+  assert set(drawn.tolist()) == {0, 1}
+  assert abs((drawn == 0).mean() - 0.625) < 0.03  # 4000 draws: std ~0.008
+  drawn = np.asarray(sampling.sample_token(logits, keys, temperature=1.0, top_k=3))
+  assert set(drawn.tolist()) == {0, 1, 2}
+  assert abs((drawn == 2).mean() - 0.15 / 0.95) < 0.03
+  assert sampling.sample_token(logits[:1], keys, temperature=0.0).tolist() == [0]
+
+
+def test_sampling_is_deterministic_for_a_key_and_varies_across_keys(tiny):
+  graphdef, params = tiny
+  prompt = sampling.left_pad([[1, 2, 3]] * 4)
+  cfg = sampling.SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=12, eos_id=-1)
+  a = sampling.generate(graphdef, CFG, params, *prompt, jax.random.key(1), cfg)
+  b = sampling.generate(graphdef, CFG, params, *prompt, jax.random.key(1), cfg)
+  c = sampling.generate(graphdef, CFG, params, *prompt, jax.random.key(2), cfg)
+  assert a.tokens.tolist() == b.tokens.tolist() and a.tokens.tolist() != c.tokens.tolist()
+
+
+def test_generation_on_a_sharded_mesh_matches_one_device(tiny):
+  _, params = tiny
+  prompts = [[1, 17, 33, 90, 4], [1, 250], [1, 5, 6], [1, 9, 9, 9]] * 2
+  cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=6, eos_id=-1)
+  graphdef, _ = model.create(CFG)
+  expected = sampling.generate(graphdef, CFG, params, *sampling.left_pad(prompts), jax.random.key(0), cfg)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded = jax.device_put(params, model.param_shardings(CFG, mesh))
+  with jax.set_mesh(mesh):
+    out = sampling.generate(graphdef, CFG, sharded, *sampling.left_pad(prompts), jax.random.key(0), cfg)
+  assert out.tokens.tolist() == expected.tokens.tolist()
+
+
+def test_bad_requests_are_refused():
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.SamplingConfig(top_p=0.0)
+  with pytest.raises(ValueError, match="at least one token"):
+    sampling.left_pad([[1, 2], []])
+  with pytest.raises(ValueError, match="more than the padded length"):
+    sampling.left_pad([[1, 2, 3]], length=2)
