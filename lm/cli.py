@@ -1,0 +1,39 @@
+"""The `lm` command: `lm VERB [--flag=value ...]`.
+
+Each verb lives in `lm/commands/<verb>.py` with its own absl flags and a `main(argv)`; only the
+chosen verb is imported, so verbs never see each other's flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app
+
+VERBS = {
+    "sample": "generate from a checkpoint or a random model of a preset",
+}
+
+
+def usage() -> str:
+  lines = ["usage: lm VERB [flags]   (lm VERB --help for the flags of a verb)", "", "verbs:"]
+  lines += [f"  {verb:<10} {text}" for verb, text in VERBS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv if argv is None else argv
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  verb = argv[1]
+  if verb not in VERBS:
+    print(f"lm: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+    sys.exit(2)
+  module = importlib.import_module(f"lm.commands.{verb}")
+  app.run(module.main, argv=[f"lm {verb}"] + argv[2:])
+
+
+if __name__ == "__main__":
+  main()
