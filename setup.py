@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "safetensors==0.8.0",
     "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",
 ]
 
 EXTRAS_REQUIRE = {
