@@ -35,7 +35,7 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["lm", "lm.*", "data_pipelines", "data_pipelines.*"]),
+    packages=setuptools.find_packages(include=["lm", "lm.*", "data_pipelines", "data_pipelines.*", "experiments"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["lm = lm.cli:main"]},

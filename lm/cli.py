@@ -12,6 +12,8 @@ import sys
 from absl import app
 
 VERBS = {
+    "run": "run an experiment's stages (resumes an interrupted run)",
+    "aot": "compile an experiment's train step for a TPU slice and report per-chip memory",
     "sample": "generate from a checkpoint or a random model of a preset",
 }
 
@@ -32,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"lm: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(f"lm.commands.{verb}")
-  app.run(module.main, argv=[f"lm {verb}"] + argv[2:])
+  verb_argv = [f"lm {verb}"] + argv[2:]
+  if hasattr(module, "prepare_argv"):
+    verb_argv = module.prepare_argv(verb_argv)
+  app.run(module.main, argv=verb_argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")
@@ -87,10 +88,12 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = No
   devices = list(jax.devices() if devices is None else devices)
   shape = cfg.shape(len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if len(devices) == len(jax.devices()) and cfg.dcn == 1:
-    # Lets JAX pick a device order that follows the physical interconnect.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+  try:
+    # Orders devices to follow the physical interconnect (ICI rings on TPU).
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(

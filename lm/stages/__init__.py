@@ -1,0 +1,17 @@
+"""One module per stage. Each exposes `run(cfg, ctx) -> metrics` and, for trained stages,
+`train_step_for_aot(cfg, mesh) -> (jitted step, abstract args, rules)`.
+
+Stages are the one place where model, data, sampling and trainer meet.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+KINDS = ("world", "tokenizer", "pretrain")
+
+
+def stage_module(kind: str):
+  if kind not in KINDS:
+    raise ValueError(f"unknown stage kind {kind!r}; known kinds: {KINDS}")
+  return importlib.import_module(f"lm.stages.{kind}")

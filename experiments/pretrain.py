@@ -1,0 +1,63 @@
+"""Pretraining (LLAMA2.md §3).
+
+  lm run experiments/pretrain.py:tiny --workdir=/tmp/pretrain       # CPU, synthetic world
+  lm aot experiments/pretrain.py:70b --topology=v5p-512              # will it fit?
+  lm run experiments/pretrain.py:7b --workdir=gs://B/7b \
+      --config.stages.pretrain.data.source=/data/corpus              # on every host of a pod
+
+Presets: tiny (CPU, minutes), bench (bench-50M shape), 7b, 13b, 34b, 70b (the paper's settings:
+AdamW 0.9/0.95/1e-5, wd 0.1, clip 1.0, 2000 warmup steps then cosine to 10 %, 4M-token batches
+of 4096-token sequences, peak LR 3e-4 or 1.5e-4).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import common
+
+PRESETS = ("tiny", "bench") + common.PAPER_SIZES
+
+
+def pretrain_stage(preset: str) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.kind = "pretrain"
+  s.init_from = ""
+  s.tokenizer = "tokenizer"
+  s.z_loss = 0.0
+  if preset in common.PAPER_SIZES:
+    s.model = common.model(preset, remat="full")
+    s.tokenizer = ""  # path to Meta's tokenizer.model
+    s.data = ml_collections.ConfigDict(dict(source="", seq_len=4096, eval_batches=16))
+    # The 4M-token batch; 70B needs 4 micro-batches per step on v5p-512 (see `lm aot`).
+    s.train = common.train(steps=common.PRETRAIN_STEPS, batch_size=1024,
+                           grad_accum={"7b": 4, "13b": 4, "34b": 4, "70b": 4}[preset],
+                           log_every=10, eval_every=1000, checkpoint_every=1000)
+    s.optimizer = common.optimizer(lr=common.PRETRAIN_PEAK_LR[preset], warmup_steps=2000)
+  elif preset == "bench":
+    s.model = common.model("bench-50M")
+    s.data = ml_collections.ConfigDict(dict(source="world", seq_len=512, eval_batches=4))
+    s.train = common.train(steps=200, batch_size=16, log_every=10, checkpoint_every=100)
+    s.optimizer = common.optimizer(lr=1e-3, warmup_steps=20)
+  else:  # tiny: sized for 2 CPU cores (see MINIATURE.md)
+    s.model = common.model("tiny", vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                           ffn_dim=384, max_seq_len=256)
+    s.data = ml_collections.ConfigDict(dict(source="world", seq_len=256, eval_batches=4))
+    s.train = common.train(steps=300, batch_size=16, log_every=20, checkpoint_every=100)
+    s.optimizer = common.optimizer(lr=3e-3, warmup_steps=30)
+  return s
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+  c = common.base()
+  c.stages.pretrain = pretrain_stage(preset)
+  if preset in common.PAPER_SIZES:
+    c.pipeline = ("pretrain",)
+  else:
+    c.stages.world = ml_collections.ConfigDict(dict(kind="world", size="tiny"))
+    c.stages.tokenizer = ml_collections.ConfigDict(dict(
+        kind="tokenizer", corpus="world", vocab_size=c.stages.pretrain.model.vocab_size))
+    c.pipeline = ("world", "tokenizer", "pretrain")
+  return c
