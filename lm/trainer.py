@@ -117,7 +117,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     metrics = {k: v / denom for k, v in metric_sums.items()}
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(grad_norm) & jnp.all(
@@ -131,8 +131,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
     )
     metrics.update(
-        grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
-        update_norm=optax.global_norm(updates), weight=weight,
+        grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
+        update_norm=optax.tree.norm(updates), weight=weight,
         finite=finite.astype(jnp.float32),
     )
     if schedule is not None:

@@ -1,0 +1,100 @@
+"""A small training run for the trainer's tests: the tiny model learning arithmetic sequences.
+
+Run as a script it trains into a workdir, optionally killing itself at a chosen moment, so tests
+can interrupt and resume real processes:
+
+  python tests/toy_training.py WORKDIR STEPS [--kill-after-step N] [--kill-during-save N]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax.numpy as jnp
+import numpy as np
+
+from lm import configs, losses, model, optim, sharding, trainer
+
+CFG = configs.get_preset("tiny")
+BATCH, LENGTH = 16, 32
+
+
+class ArithmeticSequences:
+  """Rows a, a+k, a+2k, ... (mod vocab): deterministic per batch index, resumable."""
+
+  def __init__(self, seed: int = 0):
+    self.seed, self.index = seed, 0
+
+  def __next__(self):
+    rng = np.random.default_rng([self.seed, self.index])
+    self.index += 1
+    start = rng.integers(0, CFG.vocab_size, (BATCH, 1))
+    stride = rng.integers(1, 4, (BATCH, 1))
+    rows = (start + stride * np.arange(LENGTH + 1)) % CFG.vocab_size
+    return {"tokens": rows[:, :-1].astype(np.int32), "targets": rows[:, 1:].astype(np.int32)}
+
+  def get_state(self):
+    return {"index": self.index}
+
+  def set_state(self, state):
+    self.index = state["index"]
+
+
+def make_trainer(steps: int, grad_accum: int = 1, mesh_shape=(1, 2, 2, 2), loss_fn=None,
+                 checkpoint_every: int = 10, max_nonfinite: int = 10):
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  graphdef, _ = model.abstract_model(CFG)
+
+  def next_token(params, batch, rng):
+    logits, _ = model.apply(graphdef, params, batch["tokens"])
+    return losses.next_token_loss(logits, batch["targets"], jnp.ones_like(batch["targets"]))
+
+  opt_cfg = optim.OptimizerConfig(lr=3e-3, warmup_steps=5)
+  cfg = trainer.TrainConfig(steps=steps, batch_size=BATCH, grad_accum=grad_accum, log_every=1,
+                            checkpoint_every=checkpoint_every, max_nonfinite_in_a_row=max_nonfinite)
+  return trainer.Trainer(
+      loss_fn=loss_fn or next_token, optimizer=optim.make_optimizer(opt_cfg, steps),
+      schedule=optim.learning_rate(opt_cfg, steps), cfg=cfg, mesh=mesh,
+      param_shardings=model.param_shardings(CFG, mesh)), mesh
+
+
+def train(workdir: str, steps: int, **kwargs) -> dict:
+  tr, mesh = make_trainer(steps, **kwargs)
+  return trainer.run(tr, params=lambda: model.create(CFG, mesh, seed=0)[1],
+                     data=ArithmeticSequences(), workdir=workdir)
+
+
+def main(argv):
+  workdir, steps = argv[1], int(argv[2])
+  options = dict(zip(argv[3::2], map(int, argv[4::2])))
+  if "--kill-after-step" in options:
+    kill_at = options["--kill-after-step"]
+    original = trainer.Trainer.step
+
+    def step_then_maybe_die(self, state, batch):
+      result = original(self, state, batch)
+      if int(result[0].step) == kill_at:
+        os.kill(os.getpid(), 9)
+      return result
+    trainer.Trainer.step = step_then_maybe_die
+  if "--kill-during-save" in options:
+    from lm import checkpoints
+    kill_at = options["--kill-during-save"]
+    original_save = checkpoints.Manager.save
+
+    def save_then_die(self, step, *args, **kwargs):
+      result = original_save(self, step, *args, **kwargs)
+      if step == kill_at:  # the asynchronous write is still in flight
+        os.kill(os.getpid(), 9)
+      return result
+    checkpoints.Manager.save = save_then_die
+  print(train(workdir, steps))
+
+
+if __name__ == "__main__":
+  main(sys.argv)
