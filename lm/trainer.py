@@ -200,6 +200,19 @@ class Trainer:
     with jax.set_mesh(self.mesh), sharding.use_rules(self.rules):
       return self._compiled(state, self.put_batch(batch))
 
+  def process_rows(self, global_batch_size: int) -> tuple[int, int]:
+    """[start, stop) of the global batch rows this process feeds (multi-host data sharding)."""
+    indices = self.batch_sharding(1).addressable_devices_indices_map((global_batch_size,))
+    starts = [index[0].start or 0 for index in indices.values()]
+    stops = [global_batch_size if index[0].stop is None else index[0].stop
+             for index in indices.values()]
+    start, stop = min(starts), max(stops)
+    if (stop - start) * jax.process_count() != global_batch_size:
+      raise ValueError(f"this process's devices hold rows [{start}, {stop}) of a batch of "
+                       f"{global_batch_size}, not a contiguous 1/{jax.process_count()} share; "
+                       "order the mesh so each host owns a block of the batch axes")
+    return start, stop
+
   def put_batch(self, batch: dict) -> dict:
     """Numpy batch (this process's rows) -> global arrays sharded over the data axes."""
     def put(x):

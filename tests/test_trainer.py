@@ -163,3 +163,20 @@ def test_unwritable_workdir_fails_before_any_compute(tmp_path):
     trainer.run(tr, params=lambda: calls.append("init"), data=toy_training.ArithmeticSequences(),
                 workdir=str(blocker / "run"))
   assert calls == []
+
+
+def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, uninterrupted):
+  import portpicker
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  workers = [subprocess.Popen(
+      [sys.executable, SCRIPT, str(tmp_path), "12", "--process-id", str(i), "--port", str(port)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for worker in workers:
+    _, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err[-3000:]
+  curve = losses_of(tmp_path)
+  assert [s for s, _ in curve] == list(range(1, 13))
+  # Cross-process (gloo) reductions may sum in another order than in-process ones: fp32 rounding.
+  np.testing.assert_allclose([l for _, l in curve], [l for _, l in uninterrupted[:12]], rtol=2e-5)

@@ -12,7 +12,9 @@ import os
 import sys
 
 if __name__ == "__main__":
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  # Two processes x 4 devices, or one process x 8: the same 8-device mesh either way.
+  _devices = 4 if "--process-id" in sys.argv else 8
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_devices}"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax.numpy as jnp
@@ -22,13 +24,17 @@ from lm import configs, losses, model, optim, sharding, trainer
 
 CFG = configs.get_preset("tiny")
 BATCH, LENGTH = 16, 32
+SCHEDULE_STEPS = 30  # fixed, so runs of different lengths share one learning-rate curve
 
 
 class ArithmeticSequences:
-  """Rows a, a+k, a+2k, ... (mod vocab): deterministic per batch index, resumable."""
+  """Rows a, a+k, a+2k, ... (mod vocab): deterministic per batch index, resumable.
 
-  def __init__(self, seed: int = 0):
-    self.seed, self.index = seed, 0
+  `rows` selects this process's share of each global batch on multi-host runs.
+  """
+
+  def __init__(self, seed: int = 0, rows: tuple[int, int] = (0, BATCH)):
+    self.seed, self.index, self.rows = seed, 0, rows
 
   def __next__(self):
     rng = np.random.default_rng([self.seed, self.index])
@@ -36,6 +42,7 @@ class ArithmeticSequences:
     start = rng.integers(0, CFG.vocab_size, (BATCH, 1))
     stride = rng.integers(1, 4, (BATCH, 1))
     rows = (start + stride * np.arange(LENGTH + 1)) % CFG.vocab_size
+    rows = rows[self.rows[0]:self.rows[1]]
     return {"tokens": rows[:, :-1].astype(np.int32), "targets": rows[:, 1:].astype(np.int32)}
 
   def get_state(self):
@@ -58,20 +65,25 @@ def make_trainer(steps: int, grad_accum: int = 1, mesh_shape=(1, 2, 2, 2), loss_
   cfg = trainer.TrainConfig(steps=steps, batch_size=BATCH, grad_accum=grad_accum, log_every=1,
                             checkpoint_every=checkpoint_every, max_nonfinite_in_a_row=max_nonfinite)
   return trainer.Trainer(
-      loss_fn=loss_fn or next_token, optimizer=optim.make_optimizer(opt_cfg, steps),
-      schedule=optim.learning_rate(opt_cfg, steps), cfg=cfg, mesh=mesh,
+      loss_fn=loss_fn or next_token, optimizer=optim.make_optimizer(opt_cfg, SCHEDULE_STEPS),
+      schedule=optim.learning_rate(opt_cfg, SCHEDULE_STEPS), cfg=cfg, mesh=mesh,
       param_shardings=model.param_shardings(CFG, mesh)), mesh
 
 
 def train(workdir: str, steps: int, **kwargs) -> dict:
   tr, mesh = make_trainer(steps, **kwargs)
   return trainer.run(tr, params=lambda: model.create(CFG, mesh, seed=0)[1],
-                     data=ArithmeticSequences(), workdir=workdir)
+                     data=ArithmeticSequences(rows=tr.process_rows(BATCH)), workdir=workdir)
 
 
 def main(argv):
   workdir, steps = argv[1], int(argv[2])
   options = dict(zip(argv[3::2], map(int, argv[4::2])))
+  if "--process-id" in options:
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{options['--port']}", num_processes=2,
+                               process_id=options["--process-id"])
   if "--kill-after-step" in options:
     kill_at = options["--kill-after-step"]
     original = trainer.Trainer.step
