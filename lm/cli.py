@@ -13,6 +13,7 @@ from absl import app
 
 VERBS = {
     "run": "run an experiment's stages (resumes an interrupted run)",
+    "eval": "run a stage's evaluations on its output or on a model directory",
     "aot": "compile an experiment's train step for a TPU slice and report per-chip memory",
     "sample": "generate from a checkpoint or a random model of a preset",
 }

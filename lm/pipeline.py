@@ -78,3 +78,21 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, log=print) -
     path = report.write_report(workdir, list(config.pipeline))
     log(f"report: {path}")
   return results
+
+
+def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, stage: str | None = None,
+                   checkpoint: str | None = None) -> dict:
+  """Runs one stage's evaluations on its output (or on `checkpoint`) without training."""
+  evaluable = [n for n in config.pipeline
+               if hasattr(stage_module(config.stages[n].kind), "evaluate")]
+  stage = stage or (evaluable[-1] if evaluable else None)
+  if stage not in evaluable:
+    raise ValueError(f"stage {stage!r} has no evaluations; stages that do: {evaluable}")
+  index = list(config.pipeline).index(stage)
+  outputs = {name: os.path.join(workdir, name) for name in config.pipeline[:index]
+             if os.path.isdir(os.path.join(workdir, name))}
+  ctx = common.StageContext(name=stage, directory=os.path.join(workdir, stage), outputs=outputs,
+                            mesh_config=sharding.MeshConfig(**config.mesh.to_dict()),
+                            seed=config.seed)
+  return stage_module(config.stages[stage].kind).evaluate(config.stages[stage], ctx,
+                                                          checkpoint or ctx.directory)

@@ -98,6 +98,25 @@ def make_evaluate(graphdef, mesh, batches: list[dict], extra=None):
   return evaluate
 
 
+def stage_evaluation(cfg, tokenizer_path, graphdef, model_cfg, mesh, batch_size, put_batch):
+  """The stage's evals: held-out loss and perplexity, plus the data source's probes."""
+  eval_batches = data_sources.eval_batches(cfg.data, tokenizer_path, batch_size)
+  probes = data_sources.probes(cfg.data, tokenizer_path, graphdef, model_cfg, mesh)
+  return make_evaluate(graphdef, mesh, [put_batch(b) for b in eval_batches], probes)
+
+
+def evaluate(cfg, ctx: common.StageContext, model_dir: str) -> dict:
+  """`lm eval`: this stage's evals on any language-model directory."""
+  mesh = ctx.mesh()
+  model_cfg, head, graphdef, params = checkpoints.load_model(model_dir, mesh)
+  if head != "lm":
+    raise ValueError(f"{model_dir} holds a {head!r} model, not a language model")
+  tokenizer_path = resolve_tokenizer(cfg, ctx)
+  tr, _ = build_trainer(cfg, model_cfg, mesh, f"stages.{ctx.name}")
+  return stage_evaluation(cfg, tokenizer_path, graphdef, model_cfg, mesh, tr.cfg.batch_size,
+                          tr.put_batch)(params)
+
+
 def run(cfg, ctx: common.StageContext) -> dict:
   where = f"stages.{ctx.name}"
   model_cfg, init_dir = resolve_model(cfg, ctx)
@@ -110,8 +129,8 @@ def run(cfg, ctx: common.StageContext) -> dict:
                      f"{model_cfg.max_seq_len}")
   train_data = data_sources.pretrain_batches(cfg.data, tokenizer_path, tr.cfg.batch_size,
                                              split="train", seed=ctx.seed)
-  eval_batches = data_sources.eval_batches(cfg.data, tokenizer_path, tr.cfg.batch_size)
-  probes = data_sources.probes(cfg.data, tokenizer_path, graphdef, model_cfg, mesh)
+  evaluate_fn = stage_evaluation(cfg, tokenizer_path, graphdef, model_cfg, mesh,
+                                 tr.cfg.batch_size, tr.put_batch)
   # The stage directory is a model directory from the first checkpoint on.
   checkpoints.write_model_info(ctx.directory, model_cfg, "lm", tokenizer_path)
 
@@ -120,9 +139,8 @@ def run(cfg, ctx: common.StageContext) -> dict:
       return checkpoints.load_model(init_dir, mesh)[3]
     return model.create(model_cfg, mesh, seed=ctx.seed)[1]
 
-  evaluate = make_evaluate(graphdef, mesh, [tr.put_batch(b) for b in eval_batches], probes)
   return trainer.run(
-      tr, params=initial_params, data=train_data, workdir=ctx.directory, evaluate=evaluate,
+      tr, params=initial_params, data=train_data, workdir=ctx.directory, evaluate=evaluate_fn,
       tokens_per_step=tr.cfg.batch_size * seq_len,
       flops_per_token=hardware.flops_per_token(configs.param_count(model_cfg),
                                                model_cfg.n_layers, seq_len, model_cfg.dim))
