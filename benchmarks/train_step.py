@@ -1,0 +1,129 @@
+"""Train-step throughput, ours against Hugging Face transformers (PyTorch), side by side.
+
+  python benchmarks/train_step.py [--preset=bench-50M] [--batch=8] [--seq=512] [--steps=10]
+
+Each system runs in its own subprocess with the same environment and allocator (LD_PRELOAD is
+passed through unchanged; the allocator in use is printed), on the same model shape, batch and
+sequence length, fp32, AdamW. Reported: tokens/s and the ratio to ours. On CPU, preload jemalloc
+or tcmalloc for every system alike (see the README's benchmarks section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+RESULT = "RESULT "
+
+
+def ours(preset: str, batch: int, seq: int, steps: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from lm import configs, hardware, losses, model, optim, sharding, trainer
+
+  cfg = configs.get_preset(preset, compute_dtype="float32", remat="none", max_seq_len=max(seq, 128))
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
+  graphdef, params = model.create(cfg, mesh)
+
+  def loss_fn(p, b, rng):
+    logits, _ = model.apply(graphdef, p, b["tokens"])
+    return losses.next_token_loss(logits, b["targets"], jnp.ones_like(b["targets"]))
+
+  opt = optim.OptimizerConfig(lr=1e-4, warmup_steps=0)
+  tr = trainer.Trainer(loss_fn=loss_fn, optimizer=optim.make_optimizer(opt, 1000), schedule=None,
+                       cfg=trainer.TrainConfig(steps=1000, batch_size=batch), mesh=mesh,
+                       param_shardings=model.param_shardings(cfg, mesh))
+  state = tr.init_state(params)
+  rng = np.random.default_rng(0)
+  data = {"tokens": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
+          "targets": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)}
+  state, metrics = tr.step(state, data)  # compile
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = tr.step(state, data)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - start) / steps
+  flops = hardware.flops_per_token(configs.param_count(cfg), cfg.n_layers, seq, cfg.dim)
+  return {"system": "ours (JAX)", "tokens_per_second": batch * seq / seconds,
+          "gflops_per_second": batch * seq * flops / seconds / 1e9}
+
+
+def hf(preset: str, batch: int, seq: int, steps: int, compile_model: bool) -> dict:
+  import torch
+  import transformers
+
+  from lm import configs
+
+  cfg = configs.get_preset(preset)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.norm_eps, max_position_embeddings=seq,
+      tie_word_embeddings=False, attn_implementation="sdpa"))
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5,
+                          weight_decay=0.1)
+  forward = torch.compile(model) if compile_model else model
+  tokens = torch.randint(0, cfg.vocab_size, (batch, seq))
+
+  def step():
+    loss = forward(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  step()
+  step()
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  seconds = (time.perf_counter() - start) / steps
+  name = "transformers + torch.compile" if compile_model else "transformers (eager)"
+  return {"system": name, "tokens_per_second": batch * seq / seconds}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="bench-50M")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=512)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--system", choices=["ours", "hf", "hf-compile"], default=None)
+  parser.add_argument("--skip-compile", action="store_true", help="skip torch.compile (slow)")
+  args = parser.parse_args()
+  if args.system:
+    shape = (args.preset, args.batch, args.seq, args.steps)
+    result = ours(*shape) if args.system == "ours" else hf(*shape, args.system == "hf-compile")
+    print(RESULT + json.dumps(result))
+    return
+  allocator = os.environ.get("LD_PRELOAD") or "system malloc (no LD_PRELOAD)"
+  print(f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, AdamW; allocator: "
+        f"{allocator}; {os.cpu_count()} CPUs")
+  systems = ["ours", "hf"] + ([] if args.skip_compile else ["hf-compile"])
+  results = []
+  for system in systems:
+    cmd = [sys.executable, __file__, f"--system={system}", f"--preset={args.preset}",
+           f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith(RESULT)]
+    if not line:
+      print(f"{system}: failed\n{out.stderr[-1500:]}")
+      continue
+    results.append(json.loads(line[0][len(RESULT):]))
+  base = next((r["tokens_per_second"] for r in results if r["system"].startswith("ours")), None)
+  for r in results:
+    ratio = f"{r['tokens_per_second'] / base:.2f}x ours" if base else ""
+    extra = f"  ({r['gflops_per_second']:.0f} GFLOP/s)" if "gflops_per_second" in r else ""
+    print(f"{r['system']:<32} {r['tokens_per_second']:>10,.0f} tokens/s  {ratio}{extra}")
+
+
+if __name__ == "__main__":
+  main()
