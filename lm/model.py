@@ -298,6 +298,12 @@ def create(
   return graphdef, init()
 
 
+def param_specs(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES, head: str = "lm"):
+  """The PartitionSpec of every parameter on `mesh` (a Mesh or an AbstractMesh of any size)."""
+  _, abstract = abstract_model(cfg, head)
+  return nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, rules, specs_only=True))
+
+
 def param_shardings(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES, head: str = "lm"):
   """The NamedSharding of every parameter, as a nested dict shaped like the params."""
   _, abstract = abstract_model(cfg, head)

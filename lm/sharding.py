@@ -140,12 +140,14 @@ def _logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
   return tuple(names) if names is not None else (None,) * len(variable.shape)
 
 
-def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-  """NamedShardings for a (possibly abstract) NNX state, from its logical axis names."""
+def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                    specs_only: bool = False) -> Any:
+  """NamedShardings (or PartitionSpecs) for a (possibly abstract) NNX state, from its logical
+  axis names."""
 
   def one(variable):
     spec = logical_to_spec(_logical_names(variable), rules, mesh, variable.shape)
-    return variable.replace(NamedSharding(mesh, spec))
+    return variable.replace(spec if specs_only else NamedSharding(mesh, spec))
 
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

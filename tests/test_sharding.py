@@ -1,0 +1,67 @@
+"""Sharding plans: golden PartitionSpecs for the paper's sizes, rules, meshes.
+
+The golden files pin where every parameter of 7B and 70B lives on real slice shapes; a change to
+the rules or the model's logical names shows up here as a diff. Regenerate with
+`python tests/test_sharding.py --regenerate` after an intended change.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import pytest
+
+from lm import configs, model, sharding
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+PLANS = {
+    "7b_fsdp64_tensor1": ("7b", (1, 1, 64, 1), sharding.DEFAULT_RULES),
+    "70b_fsdp64_tensor4": ("70b", (1, 1, 64, 4), sharding.DEFAULT_RULES),
+    "70b_rollout_data16_tensor8": ("70b", (1, 16, 1, 8), sharding.ROLLOUT_RULES),
+}
+
+
+def specs(plan: str) -> dict:
+  preset, shape, rules = PLANS[plan]
+  mesh = jax.sharding.AbstractMesh(shape, sharding.MESH_AXES)
+  tree = model.param_specs(configs.PRESETS[preset], mesh, rules)
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+  return {"/".join(k.key for k in path): [list(a) if isinstance(a, tuple) else a for a in spec]
+          for path, spec in flat}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_sharding_plan_matches_golden(plan):
+  with open(os.path.join(GOLDEN, f"sharding_{plan}.json")) as f:
+    assert specs(plan) == json.load(f)
+
+
+def test_fsdp_shards_every_large_parameter_of_70b():
+  plan = specs("70b_fsdp64_tensor4")
+  for name in ("tok_embeddings", "output", "layers/attention/wq", "layers/feed_forward/w1"):
+    assert "fsdp" in json.dumps(plan[name]) and "tensor" in json.dumps(plan[name]), name
+
+
+def test_axes_that_do_not_divide_are_dropped_not_errors():
+  mesh = jax.sharding.AbstractMesh((1, 1, 1, 8), sharding.MESH_AXES)
+  # 70B has 8 KV heads: split 8 ways. A 2-KV-head model is replicated on that axis instead.
+  assert sharding.logical_to_spec(("kv_heads",), sharding.DEFAULT_RULES, mesh, (8,))[0] == "tensor"
+  assert sharding.logical_to_spec(("kv_heads",), sharding.DEFAULT_RULES, mesh, (2,))[0] is None
+  with pytest.raises(KeyError, match="no sharding rule"):
+    sharding.logical_to_spec(("heads_typo",), sharding.DEFAULT_RULES, mesh, (8,))
+
+
+def test_mesh_config_errors():
+  with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+    sharding.MeshConfig(data=-1, fsdp=-1).shape(8)
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    sharding.MeshConfig(data=2, fsdp=8).shape(8)
+  assert sharding.MeshConfig(data=2, tensor=2).shape(8) == (1, 2, 2, 2)
+
+
+if __name__ == "__main__" and "--regenerate" in sys.argv:
+  for plan in PLANS:
+    with open(os.path.join(GOLDEN, f"sharding_{plan}.json"), "w") as f:
+      json.dump(specs(plan), f, indent=1, sort_keys=True)
+      f.write("\n")
