@@ -1,11 +1,12 @@
 """Pretraining (LLAMA2.md §3).
 
+  lm run experiments/pretrain.py:smoke --workdir=/tmp/smoke         # CPU, a minute
   lm run experiments/pretrain.py:tiny --workdir=/tmp/pretrain       # CPU, synthetic world
   lm aot experiments/pretrain.py:70b --topology=v5p-512              # will it fit?
   lm run experiments/pretrain.py:7b --workdir=gs://B/7b \
       --config.stages.pretrain.data.source=/data/corpus              # on every host of a pod
 
-Presets: tiny (CPU, minutes), bench (bench-50M shape), 7b, 13b, 34b, 70b (the paper's settings:
+Presets: smoke (generated token rows), tiny (CPU, minutes), bench (bench-50M shape), 7b, 13b, 34b, 70b (the paper's settings:
 AdamW 0.9/0.95/1e-5, wd 0.1, clip 1.0, 2000 warmup steps then cosine to 10 %, 4M-token batches
 of 4096-token sequences, peak LR 3e-4 or 1.5e-4).
 """
@@ -16,7 +17,7 @@ import ml_collections
 
 from experiments import common
 
-PRESETS = ("tiny", "bench") + common.PAPER_SIZES
+PRESETS = ("smoke", "tiny", "bench") + common.PAPER_SIZES
 
 
 def pretrain_stage(preset: str) -> ml_collections.ConfigDict:
@@ -34,6 +35,12 @@ def pretrain_stage(preset: str) -> ml_collections.ConfigDict:
                            grad_accum={"7b": 4, "13b": 4, "34b": 4, "70b": 4}[preset],
                            log_every=10, eval_every=1000, checkpoint_every=1000)
     s.optimizer = common.optimizer(lr=common.PRETRAIN_PEAK_LR[preset], warmup_steps=2000)
+  elif preset == "smoke":  # a minute on a laptop: generated token rows, no data files
+    s.tokenizer = ""
+    s.model = common.model("tiny", max_seq_len=64)
+    s.data = ml_collections.ConfigDict(dict(source="arithmetic", seq_len=64, eval_batches=2))
+    s.train = common.train(steps=60, batch_size=16, log_every=10, checkpoint_every=30)
+    s.optimizer = common.optimizer(lr=3e-3, warmup_steps=6)
   elif preset == "bench":
     s.model = common.model("bench-50M")
     s.data = ml_collections.ConfigDict(dict(source="world", seq_len=512, eval_batches=4))
@@ -53,7 +60,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
   c = common.base()
   c.stages.pretrain = pretrain_stage(preset)
-  if preset in common.PAPER_SIZES:
+  if preset in common.PAPER_SIZES or preset == "smoke":
     c.pipeline = ("pretrain",)
   else:
     c.stages.world = ml_collections.ConfigDict(dict(kind="world", size="tiny"))

@@ -1,0 +1,79 @@
+"""`lm run` end to end on the smoke preset: stages, outputs, report, resume, overrides, eval."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def lm(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+  return subprocess.run([sys.executable, "-m", "lm.cli", *args], capture_output=True, text=True,
+                        env=env, cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke")
+  result = lm("run", "experiments/pretrain.py:smoke", f"--workdir={workdir}",
+              )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_run_writes_model_metrics_report_and_curve(smoke_run):
+  workdir, result = smoke_run
+  stage = workdir / "pretrain"
+  metrics = json.loads((stage / "metrics.json").read_text())
+  # Arithmetic rows are learnable: from ~5.5 nats (uniform over 256) to well under 3.
+  assert metrics["loss"] < 3.0 and metrics["perplexity"] < 20
+  assert json.loads((stage / "model.json").read_text())["head"] == "lm"
+  assert (stage / "loss.png").stat().st_size > 0
+  assert "| perplexity |" in (workdir / "report.md").read_text()
+  assert os.listdir(stage / "events")
+  assert "step 60/60" in result.stdout
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+  workdir, _ = smoke_run
+  result = lm("run", "experiments/pretrain.py:smoke", f"--workdir={workdir}",
+              )
+  assert result.returncode == 0 and "finished earlier; skipping" in result.stdout
+
+
+def test_sample_continues_what_the_model_learned(smoke_run):
+  workdir, _ = smoke_run
+  result = lm("sample", f"--checkpoint={workdir / 'pretrain'}", "--prompt_ids=10,12,14,16,18",
+              "--temperature=0", "--max_new_tokens=4")
+  assert result.returncode == 0, result.stderr[-2000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith("output ids:")][0]
+  assert json.loads(line.split(":", 1)[1])[:2] == [20, 22]
+
+
+def test_eval_reruns_the_stage_evaluations(smoke_run):
+  workdir, _ = smoke_run
+  result = lm("eval", "experiments/pretrain.py:smoke", f"--workdir={workdir}", "--stage=pretrain")
+  assert result.returncode == 0, result.stderr[-2000:]
+  metrics = json.loads(result.stdout[result.stdout.index("{"):])
+  saved = json.loads((workdir / "pretrain" / "metrics.json").read_text())
+  assert abs(metrics["loss"] - saved["loss"]) < 1e-5
+
+
+def test_misspelled_override_names_the_field(tmp_path):
+  result = lm("run", "experiments/pretrain.py:smoke", f"--workdir={tmp_path}",
+              "--config.stages.pretrain.train.stepz=3")
+  assert result.returncode != 0
+  assert "train.stepz" in result.stderr and "did you mean 'steps'" in result.stderr
+  assert not (tmp_path / "pretrain").exists()
+
+
+def test_unknown_preset_and_missing_experiment(tmp_path):
+  result = lm("run", "experiments/pretrain.py:9b", f"--workdir={tmp_path}")
+  assert result.returncode != 0 and "unknown preset '9b'" in result.stderr
+  result = lm("run", "experiments/nope.py:tiny", f"--workdir={tmp_path}")
+  assert result.returncode != 0 and "does not exist" in result.stderr
