@@ -77,3 +77,29 @@ def test_unknown_preset_and_missing_experiment(tmp_path):
   assert result.returncode != 0 and "unknown preset '9b'" in result.stderr
   result = lm("run", "experiments/nope.py:tiny", f"--workdir={tmp_path}")
   assert result.returncode != 0 and "does not exist" in result.stderr
+
+
+def test_lm_run_killed_mid_stage_resumes_to_the_same_curve(smoke_run, tmp_path):
+  import signal
+  import time
+  workdir, _ = smoke_run
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, "-m", "lm.cli", "run", "experiments/pretrain.py:smoke",
+         f"--workdir={tmp_path}"]
+  process = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  log = tmp_path / "pretrain" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 4):
+    time.sleep(0.1)
+  process.send_signal(signal.SIGKILL)  # somewhere after step 40: past the step-30 checkpoint
+  process.wait()
+  assert not (tmp_path / "pretrain" / "metrics.json").exists()
+  result = lm("run", "experiments/pretrain.py:smoke", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+
+  def curve(directory):
+    rows = [json.loads(l) for l in (directory / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+  assert curve(tmp_path) == curve(workdir)
