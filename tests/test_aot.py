@@ -33,13 +33,13 @@ def test_cli_prints_the_fit_table_and_errors_are_clear():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
-      [sys.executable, "-m", "lm.cli", "aot", "experiments/pretrain.py:tiny", "--topology=v5e-8"],
+      [sys.executable, "-m", "lm.cli", "aot", "experiments/pretrain.py:smoke", "--topology=v5e-8"],
       capture_output=True, text=True, env=env, timeout=600,
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr[-2000:]
   assert "fits: yes" in result.stdout and "temporaries" in result.stdout
   result = subprocess.run(
-      [sys.executable, "-m", "lm.cli", "aot", "experiments/pretrain.py:tiny", "--topology=v9-8"],
+      [sys.executable, "-m", "lm.cli", "aot", "experiments/pretrain.py:smoke", "--topology=v9-8"],
       capture_output=True, text=True, env=env, timeout=600,
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode != 0 and "unknown TPU slice 'v9-8'" in result.stderr
