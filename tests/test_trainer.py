@@ -125,7 +125,8 @@ def test_sigkill_anywhere_then_resume_gives_the_same_loss_curve(tmp_path, uninte
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  process = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path), "30"], env=env,
+  process = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path), "30",
+                              "--step-milliseconds", "200"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and len(losses_of(tmp_path)) < 12:

@@ -4,6 +4,7 @@ Run as a script it trains into a workdir, optionally killing itself at a chosen 
 can interrupt and resume real processes:
 
   python tests/toy_training.py WORKDIR STEPS [--kill-after-step N] [--kill-during-save N]
+                               [--step-milliseconds N]
 """
 
 from __future__ import annotations
@@ -94,6 +95,15 @@ def main(argv):
         os.kill(os.getpid(), 9)
       return result
     trainer.Trainer.step = step_then_maybe_die
+  if "--step-milliseconds" in options:  # slow steps, so a signal surely lands mid-run
+    import time
+    pause = options["--step-milliseconds"] / 1000
+    original_step = trainer.Trainer.step
+
+    def slow_step(self, state, batch):
+      time.sleep(pause)
+      return original_step(self, state, batch)
+    trainer.Trainer.step = slow_step
   if "--kill-during-save" in options:
     from lm import checkpoints
     kill_at = options["--kill-during-save"]
