@@ -61,6 +61,8 @@ class FitReport:
 def topology_devices(name: str) -> list[Any]:
   """The devices of a slice such as 'v5p-128' (or a raw topology string such as 'v5p:4x4x4')."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compiling for a described topology owns no chip, so several processes may do it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   if name in hardware.TOPOLOGIES:
     topology = hardware.TOPOLOGIES[name][0]
