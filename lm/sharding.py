@@ -88,9 +88,16 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = No
   devices = list(jax.devices() if devices is None else devices)
   shape = cfg.shape(len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = {getattr(d, "slice_index", 0) for d in devices}
   try:
-    # Orders devices to follow the physical interconnect (ICI rings on TPU).
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    if cfg.dcn > 1 and len(slices) == cfg.dcn:
+      # Multi-slice: `dcn` crosses slices (data-center network), the rest stays on each slice's
+      # interconnect.
+      grid = mesh_utils.create_hybrid_device_mesh(
+          (1,) + shape[1:], (cfg.dcn, 1, 1, 1), devices, allow_split_physical_axes=True)
+    else:
+      # Orders devices to follow the physical interconnect (ICI rings on TPU).
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES, axis_types=auto)

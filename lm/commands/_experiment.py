@@ -36,3 +36,10 @@ def validate_overrides(argv: list[str]) -> None:
     config_utils.check_overrides(config, argv)
   except ValueError as e:
     raise SystemExit(f"{path}: {e}")
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+  """What every experiment verb does before absl parses: positional config, checked overrides."""
+  argv = positional_config(argv)
+  validate_overrides(argv)
+  return argv

@@ -22,9 +22,7 @@ STAGE = flags.DEFINE_string("stage", None, "The stage to compile (default: the l
 def prepare_argv(argv):
   # The CPU host compiles for TPU; it must not try to initialise a local TPU.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  argv = _experiment.positional_config(argv)
-  _experiment.validate_overrides(argv)
-  return argv
+  return _experiment.prepare_argv(argv)
 
 
 def main(argv):

@@ -20,10 +20,7 @@ STAGE = flags.DEFINE_string("stage", None, "The stage whose evals to run (defaul
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (default: the stage's).")
 
 
-def prepare_argv(argv):
-  argv = _experiment.positional_config(argv)
-  _experiment.validate_overrides(argv)
-  return argv
+prepare_argv = _experiment.prepare_argv
 
 
 def main(argv):

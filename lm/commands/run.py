@@ -16,10 +16,7 @@ from lm.commands import _experiment
 WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes its outputs.")
 
 
-def prepare_argv(argv):
-  argv = _experiment.positional_config(argv)
-  _experiment.validate_overrides(argv)
-  return argv
+prepare_argv = _experiment.prepare_argv
 
 
 def main(argv):
