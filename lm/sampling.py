@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,23 +99,38 @@ def _positions(segment_ids: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(segment_ids, axis=-1) - 1, 0).astype(jnp.int32)
 
 
+def _pick(cfg: SamplingConfig, logits: jax.Array, rng: jax.Array):
+  token = sample_token(logits, rng, cfg.temperature, cfg.top_p, cfg.top_k)
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)
+  return token, logprob[:, 0]
+
+
+def _prefill(graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng, length):
+  """Runs the prompts into a fresh cache of `length` slots; samples each row's first token."""
+  cache = model_lib.init_cache(model_cfg, prompt_tokens.shape[0], length)
+  positions = _positions(prompt_segment_ids)
+  logits, cache = model_lib.apply(graphdef, params, prompt_tokens, positions=positions,
+                                  segment_ids=prompt_segment_ids, cache=cache)
+  token, logprob = _pick(cfg, logits[:, -1], jax.random.fold_in(rng, 0))
+  return token, logprob, cache, positions[:, -1] + 1
+
+
+def _decode(graphdef, cfg, params, token, position, cache, rng, step):
+  """Feeds each row's last token [B] at `position` [B]; samples the next."""
+  logits, cache = model_lib.apply(graphdef, params, token[:, None], positions=position[:, None],
+                                  segment_ids=jnp.ones((token.shape[0], 1), jnp.int32),
+                                  cache=cache)
+  token, logprob = _pick(cfg, logits[:, -1], jax.random.fold_in(rng, step))
+  return token, logprob, cache
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate(graphdef, model_cfg: ModelConfig, cfg: SamplingConfig, params, prompt_tokens,
               prompt_segment_ids, rng) -> Generation:
   batch, prompt_len = prompt_tokens.shape
   steps = cfg.max_new_tokens
-  cache = model_lib.init_cache(model_cfg, batch, prompt_len + steps)
-  positions = _positions(prompt_segment_ids)
-  logits, cache = model_lib.apply(graphdef, params, prompt_tokens, positions=positions,
-                                  segment_ids=prompt_segment_ids, cache=cache)
-  next_position = positions[:, -1] + 1
-
-  def pick(logits, rng):
-    token = sample_token(logits, rng, cfg.temperature, cfg.top_p, cfg.top_k)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)
-    return token, logprob[:, 0]
-
-  first, first_logprob = pick(logits[:, -1], jax.random.fold_in(rng, 0))
+  first, first_logprob, cache, next_position = _prefill(
+      graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng, prompt_len + steps)
   tokens = jnp.full((batch, steps), cfg.pad_id, jnp.int32).at[:, 0].set(first)
   logprobs = jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(first_logprob)
   done = first == cfg.eos_id
@@ -127,12 +142,8 @@ def _generate(graphdef, model_cfg: ModelConfig, cfg: SamplingConfig, params, pro
 
   def body(state):
     step, tokens, logprobs, done, lengths, cache = state
-    previous = tokens[:, step - 1][:, None]
-    logits, cache = model_lib.apply(
-        graphdef, params, previous, positions=(next_position + step - 1)[:, None],
-        segment_ids=jnp.ones((batch, 1), jnp.int32), cache=cache,
-    )
-    token, logprob = pick(logits[:, -1], jax.random.fold_in(rng, step))
+    token, logprob, cache = _decode(graphdef, cfg, params, tokens[:, step - 1],
+                                    next_position + step - 1, cache, rng, step)
     token = jnp.where(done, cfg.pad_id, token)
     tokens = tokens.at[:, step].set(token)
     logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
@@ -143,6 +154,27 @@ def _generate(graphdef, model_cfg: ModelConfig, cfg: SamplingConfig, params, pro
   state = (jnp.ones((), jnp.int32), tokens, logprobs, done, lengths, cache)
   _, tokens, logprobs, _, lengths, _ = jax.lax.while_loop(cond, body, state)
   return Generation(tokens, lengths, logprobs)
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1, 2, 7))
+_decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(5,))
+
+
+def stream(graphdef, model_cfg: ModelConfig, params, prompt: Sequence[int], rng: jax.Array,
+           cfg: SamplingConfig = SamplingConfig()) -> Iterator[int]:
+  """Yields one prompt's new tokens as they are sampled (for interactive use), stopping after
+  EOS or `max_new_tokens`. The same numbers as `generate` for a batch of one."""
+  tokens, segment_ids = left_pad([prompt])
+  length = tokens.shape[1] + cfg.max_new_tokens
+  token, _, cache, position = _prefill_jit(graphdef, model_cfg, cfg, params, jnp.asarray(tokens),
+                                           jnp.asarray(segment_ids), rng, length)
+  for step in range(1, cfg.max_new_tokens + 1):
+    value = int(token[0])
+    yield value
+    if value == cfg.eos_id or step == cfg.max_new_tokens:
+      return
+    token, _, cache = _decode_jit(graphdef, cfg, params, token, position + step - 1, cache, rng,
+                                  step)
 
 
 def generate(graphdef, model_cfg: ModelConfig, params, prompt_tokens: jax.Array,

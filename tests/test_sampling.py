@@ -105,3 +105,12 @@ def test_bad_requests_are_refused():
     sampling.left_pad([[1, 2], []])
   with pytest.raises(ValueError, match="more than the padded length"):
     sampling.left_pad([[1, 2, 3]], length=2)
+
+
+def test_streaming_yields_what_generate_returns(tiny):
+  graphdef, params = tiny
+  prompt = [1, 17, 33, 90]
+  cfg = sampling.SamplingConfig(temperature=0.8, top_p=0.9, max_new_tokens=9, eos_id=-1)
+  batch = sampling.generate(graphdef, CFG, params, *sampling.left_pad([prompt]), jax.random.key(4), cfg)
+  streamed = list(sampling.stream(graphdef, CFG, params, prompt, jax.random.key(4), cfg))
+  assert streamed == batch.tokens[0].tolist()
