@@ -15,9 +15,9 @@ PEAK_FLOPS = {
     "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
     "NVIDIA A100": 312e12, "NVIDIA H100": 989e12,
 }
-# Two cores of XLA:CPU reach ~1.8e11 FLOP/s on large fp32 matmuls here; a CPU "MFU" is only a
-# rough guide, so this is a nominal figure per fake device.
-CPU_PEAK_FLOPS = 1e11
+# XLA:CPU's large-matmul ceiling measured on the 2-core development machine, for the whole host:
+# a CPU "MFU" is a rough guide only.
+CPU_PEAK_FLOPS = 1.8e11
 
 HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
 
@@ -37,7 +37,7 @@ TOPOLOGIES = {
 def peak_flops_per_device(device=None) -> float:
   device = device or jax.devices()[0]
   if device.platform == "cpu":
-    return CPU_PEAK_FLOPS
+    return CPU_PEAK_FLOPS / len(jax.devices())  # fake devices share the host's cores
   kind = getattr(device, "device_kind", "")
   for prefix, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
     if kind.startswith(prefix):

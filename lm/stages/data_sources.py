@@ -2,8 +2,10 @@
 
   "arithmetic"   generated token rows a, a+k, a+2k, ... (mod vocab): no files, no tokenizer; the
                  smoke-test source, on which a model visibly learns in a few dozen steps
-  anything else  text read through data_pipelines (a directory or files of text, or the
-                 synthetic world written by the `world` stage)
+  a stage name   the pretraining text an earlier stage wrote (the `world` stage), tokenized
+                 with the experiment's tokenizer
+  a path         .jsonl / .txt files or a directory of them (data_pipelines/text.py); the eval
+                 split comes from `data.eval_source`
 
 Every source yields the batch schema the LM loss takes: tokens, targets, loss_mask,
 segment_ids, positions, each [B, T], as numpy arrays, and keeps a resumable position.
@@ -11,7 +13,13 @@ segment_ids, positions, each [B, T], as numpy arrays, and keeps a resumable posi
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from data_pipelines import text
+from lm.evals import facts
+from lm.tokenizer import Tokenizer
 
 ARITHMETIC = "arithmetic"
 
@@ -52,31 +60,53 @@ class ArithmeticRows:
     self.index = int(state["index"])
 
 
+def _text_path(data_cfg, outputs: dict, split: str) -> str:
+  """`source` is an earlier stage that wrote pretraining text (e.g. "world") or a path."""
+  if data_cfg.source in outputs:
+    return os.path.join(outputs[data_cfg.source], "pretrain", f"{split}.jsonl")
+  return data_cfg.source if split == "train" else data_cfg.get("eval_source") or data_cfg.source
+
+
+def _packed_rows(data_cfg, tokenizer_path, outputs, split) -> np.ndarray:
+  if not tokenizer_path:
+    raise ValueError(f"data.source={data_cfg.source!r} is text and needs a tokenizer")
+  tokenizer = Tokenizer(tokenizer_path)
+  documents = text.read_documents(_text_path(data_cfg, outputs, split))
+  return text.pack_documents(text.tokenize_all(documents, tokenizer.encode), data_cfg.seq_len,
+                             tokenizer.bos_id, tokenizer.eos_id)
+
+
 def pretrain_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_size: int,
-                     rows: tuple[int, int], split: str, seed: int):
+                     rows: tuple[int, int], seed: int, outputs: dict):
   """The training stream of a pretraining stage."""
   if data_cfg.source == ARITHMETIC:
     return ArithmeticRows(vocab, data_cfg.seq_len, batch_size, seed, rows)
-  return _text_source(data_cfg)
+  packed = _packed_rows(data_cfg, tokenizer_path, outputs, "train")
+  return text.PackedBatches(packed, text.PackingConfig(data_cfg.seq_len, batch_size, seed, rows))
 
 
 def eval_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_size: int,
-                 rows: tuple[int, int]) -> list[dict]:
+                 rows: tuple[int, int], outputs: dict) -> list[dict]:
   """A fixed list of held-out batches (the same every time, so eval numbers compare)."""
   if data_cfg.source == ARITHMETIC:
     # A seed no training run uses: held-out rows.
     stream = ArithmeticRows(vocab, data_cfg.seq_len, batch_size, seed=2**31 - 1, rows=rows)
     return [next(stream) for _ in range(data_cfg.eval_batches)]
-  return _text_source(data_cfg)
+  packed = _packed_rows(data_cfg, tokenizer_path, outputs, "eval")
+  return text.fixed_batches(packed, batch_size, data_cfg.eval_batches, rows)
 
 
-def probes(data_cfg, tokenizer_path, graphdef, model_cfg, mesh):
-  """Extra evals of the source (e.g. fact completion on the world): params -> metrics, or None."""
-  if data_cfg.source == ARITHMETIC:
+def probes(data_cfg, tokenizer_path, graphdef, model_cfg, mesh, outputs: dict):
+  """Extra evals of the source (fact completion on the world): params -> metrics, or None."""
+  if data_cfg.source not in outputs:
     return None
-  return _text_source(data_cfg)
+  path = os.path.join(outputs[data_cfg.source], "probes.jsonl")
+  if not os.path.exists(path):
+    return None
+  tokenizer = Tokenizer(tokenizer_path)
+  probe_rows = facts.load_probes(path)
 
-
-def _text_source(data_cfg):
-  raise ValueError(f"data.source={data_cfg.source!r}: only {ARITHMETIC!r} is available until "
-                   "the text pipelines are installed")
+  def evaluate(params):
+    return {"fact_accuracy": facts.fact_accuracy(graphdef, model_cfg, params, tokenizer,
+                                                 probe_rows, mesh)}
+  return evaluate

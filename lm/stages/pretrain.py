@@ -98,11 +98,12 @@ def make_evaluate(graphdef, mesh, batches: list[dict], extra=None):
   return evaluate
 
 
-def stage_evaluation(cfg, tokenizer_path, graphdef, model_cfg, mesh, batch_size, rows, put_batch):
+def stage_evaluation(cfg, ctx, tokenizer_path, graphdef, model_cfg, mesh, batch_size, rows,
+                     put_batch):
   """The stage's evals: held-out loss and perplexity, plus the data source's probes."""
   eval_batches = data_sources.eval_batches(cfg.data, tokenizer_path, model_cfg.vocab_size,
-                                           batch_size, rows)
-  probes = data_sources.probes(cfg.data, tokenizer_path, graphdef, model_cfg, mesh)
+                                           batch_size, rows, ctx.outputs)
+  probes = data_sources.probes(cfg.data, tokenizer_path, graphdef, model_cfg, mesh, ctx.outputs)
   return make_evaluate(graphdef, mesh, [put_batch(b) for b in eval_batches], probes)
 
 
@@ -114,7 +115,7 @@ def evaluate(cfg, ctx: common.StageContext, model_dir: str) -> dict:
     raise ValueError(f"{model_dir} holds a {head!r} model, not a language model")
   tokenizer_path = resolve_tokenizer(cfg, ctx)
   tr, _ = build_trainer(cfg, model_cfg, mesh, f"stages.{ctx.name}")
-  return stage_evaluation(cfg, tokenizer_path, graphdef, model_cfg, mesh, tr.cfg.batch_size,
+  return stage_evaluation(cfg, ctx, tokenizer_path, graphdef, model_cfg, mesh, tr.cfg.batch_size,
                           tr.process_rows(tr.cfg.batch_size), tr.put_batch)(params)
 
 
@@ -130,8 +131,8 @@ def run(cfg, ctx: common.StageContext) -> dict:
                      f"{model_cfg.max_seq_len}")
   rows = tr.process_rows(tr.cfg.batch_size)
   train_data = data_sources.pretrain_batches(cfg.data, tokenizer_path, model_cfg.vocab_size,
-                                             tr.cfg.batch_size, rows, split="train", seed=ctx.seed)
-  evaluate_fn = stage_evaluation(cfg, tokenizer_path, graphdef, model_cfg, mesh,
+                                             tr.cfg.batch_size, rows, ctx.seed, ctx.outputs)
+  evaluate_fn = stage_evaluation(cfg, ctx, tokenizer_path, graphdef, model_cfg, mesh,
                                  tr.cfg.batch_size, rows, tr.put_batch)
   # The stage directory is a model directory from the first checkpoint on.
   checkpoints.write_model_info(ctx.directory, model_cfg, "lm", tokenizer_path)

@@ -1,0 +1,135 @@
+"""Plain-text pretraining data: read documents, tokenize, concatenate with EOS, pack, batch.
+
+Documents come from `.jsonl` files (one `{"text": ...}` per line) or `.txt` files (one document
+per file), or directories of them. Packing follows the usual pretraining recipe: every document
+becomes BOS + pieces + EOS, all are concatenated, and the stream is cut into rows of seq_len + 1
+tokens (inputs and next-token targets); the last partial row is dropped and reported.
+
+Batches are dicts of numpy arrays [B, T]: tokens, targets, loss_mask (1 everywhere),
+segment_ids (1 everywhere: pretraining attends across document boundaries, as the reference
+code does), positions (0..T-1). The iterator is a grain pipeline: deterministic for a seed, and
+its position is saved and restored exactly with get_state / set_state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Callable, Sequence
+
+import grain
+import numpy as np
+
+
+class DataError(ValueError):
+  """Bad input, with the file, line and reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingConfig:
+  seq_len: int
+  batch_size: int
+  seed: int = 0
+  rows: tuple[int, int] | None = None  # this process's share of each global batch
+
+
+def document_files(source: str) -> list[str]:
+  """The .jsonl / .txt files of a path, a directory, or a glob, sorted."""
+  if os.path.isdir(source):
+    files = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names]
+  else:
+    files = glob.glob(source)
+  files = sorted(f for f in files if f.endswith((".jsonl", ".txt")))
+  if not files:
+    raise DataError(f"{source}: no .jsonl or .txt files")
+  return files
+
+
+def read_documents(source: str) -> list[str]:
+  """Every document under `source`; a malformed line is an error naming file, line and why."""
+  documents = []
+  for path in document_files(source):
+    with open(path, "rb") as f:
+      raw = f.read()
+    if path.endswith(".txt"):
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from e
+      if text.strip():
+        documents.append(text)
+      continue
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{number}: invalid UTF-8 at byte {e.start}") from e
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{number}: malformed JSON ({e.msg})") from e
+      if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise DataError(f"{path}:{number}: needs a string field 'text'")
+      if not row["text"].strip():
+        raise DataError(f"{path}:{number}: empty 'text'")
+      documents.append(row["text"])
+  return documents
+
+
+def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, bos: int, eos: int
+                   ) -> np.ndarray:
+  """BOS + doc + EOS for each, concatenated, cut into rows [N, seq_len + 1] (int32)."""
+  stream = np.fromiter((t for doc in documents for t in (bos, *doc, eos)), np.int32)
+  rows = len(stream) // (seq_len + 1)
+  if rows == 0:
+    raise DataError(f"{len(stream)} tokens do not fill one row of {seq_len + 1}")
+  return stream[:rows * (seq_len + 1)].reshape(rows, seq_len + 1)
+
+
+def _to_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
+  shape = (rows.shape[0], rows.shape[1] - 1)
+  return {"tokens": rows[:, :-1], "targets": rows[:, 1:],
+          "loss_mask": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
+          "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
+
+
+class PackedBatches:
+  """An endless, shuffled, resumable stream of batches over packed rows."""
+
+  def __init__(self, rows: np.ndarray, cfg: PackingConfig):
+    start, stop = cfg.rows or (0, cfg.batch_size)
+    if len(rows) < cfg.batch_size:
+      raise DataError(f"{len(rows)} packed rows cannot fill a batch of {cfg.batch_size}")
+    dataset = (grain.MapDataset.source(rows).shuffle(seed=cfg.seed).repeat()
+               .batch(cfg.batch_size, drop_remainder=True)
+               .map(lambda batch: _to_batch(np.asarray(batch)[start:stop])))
+    self._dataset = dataset
+    self._iterator = iter(dataset.to_iter_dataset())
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return self._iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(state)
+
+
+def fixed_batches(rows: np.ndarray, batch_size: int, count: int,
+                  process_rows: tuple[int, int] | None = None) -> list[dict]:
+  """The first `count` batches of rows in order (for evaluation: the same every time)."""
+  start, stop = process_rows or (0, batch_size)
+  count = min(count, len(rows) // batch_size)
+  if count == 0:
+    raise DataError(f"{len(rows)} packed rows cannot fill one batch of {batch_size}")
+  return [_to_batch(rows[i * batch_size:(i + 1) * batch_size][start:stop]) for i in range(count)]
+
+
+def tokenize_all(documents: Sequence[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
+  return [encode(doc) for doc in documents]

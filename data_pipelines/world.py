@@ -1,0 +1,195 @@
+"""The synthetic world behind "Llama 2 in miniature": made-up people, towns and facts.
+
+Deterministic by seed and sized by `WorldConfig`, so a tiny model can learn it on a CPU in
+minutes and every answer has a ground truth. Made-up names keep the tokenizer honest (no help
+from real-world priors).
+
+This module holds the world and its pretraining text; it is written to disk with
+
+  python -m data_pipelines.world --out=DIR [--seed=0] [--size=tiny]
+
+which writes DIR/pretrain/{train,eval}.jsonl ({"text": ...} per document) and DIR/probes.jsonl
+({"prompt", "answer"} fact completions), through the same JSONL path a user's own data takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+
+SYLLABLES = ("ka", "lo", "mi", "ra", "ve", "no", "su", "ti", "da", "re", "ul", "os", "an", "be",
+             "ri", "fa", "zo", "el", "ma", "ki", "to", "pe", "lu", "ni")
+PETS = ("cat", "dog", "fox", "owl", "goat", "hare", "crow", "toad")
+COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+TRADES = ("baker", "smith", "weaver", "fisher", "potter", "miller", "healer", "farmer")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+  """How big the world is and how much text describes it."""
+
+  seed: int = 0
+  people: int = 48
+  towns: int = 8
+  train_documents: int = 6000
+  eval_documents: int = 200
+
+  @classmethod
+  def preset(cls, size: str, seed: int = 0) -> WorldConfig:
+    sizes = {"test": dict(people=16, towns=4, train_documents=600, eval_documents=40),
+             "tiny": {}, "small": dict(people=200, towns=20, train_documents=40000)}
+    if size not in sizes:
+      raise ValueError(f"unknown world size {size!r}; choose one of {sorted(sizes)}")
+    return cls(seed=seed, **sizes[size])
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+  name: str
+  town: str
+  pet: str
+  color: str
+  age: int
+  trade: str
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  people: tuple[Person, ...]
+  towns: tuple[str, ...]
+
+
+def _name(rng: random.Random, used: set[str], syllables: int) -> str:
+  while True:
+    name = "".join(rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()
+    if name not in used:
+      used.add(name)
+      return name
+
+
+def make_world(cfg: WorldConfig) -> World:
+  rng = random.Random(cfg.seed)
+  used: set[str] = set()
+  towns = tuple(_name(rng, used, 3) for _ in range(cfg.towns))
+  people = tuple(
+      Person(name=_name(rng, used, 2), town=rng.choice(towns), pet=rng.choice(PETS),
+             color=rng.choice(COLORS), age=rng.randint(18, 80), trade=rng.choice(TRADES))
+      for _ in range(cfg.people))
+  return World(people=people, towns=towns)
+
+
+def fact_sentences(p: Person, rng: random.Random) -> list[str]:
+  """Every fact about a person, each in one of a few phrasings."""
+  return [
+      rng.choice([f"{p.name} lives in {p.town}.", f"{p.name} has a home in {p.town}."]),
+      rng.choice([f"{p.name} keeps a {p.pet}.", f"The pet of {p.name} is a {p.pet}."]),
+      rng.choice([f"The favourite colour of {p.name} is {p.color}.",
+                  f"{p.name} likes the colour {p.color}."]),
+      rng.choice([f"{p.name} is {p.age} years old.", f"The age of {p.name} is {p.age}."]),
+      rng.choice([f"{p.name} works as a {p.trade}.", f"By trade, {p.name} is a {p.trade}."]),
+  ]
+
+
+def _facts_document(world: World, rng: random.Random) -> str:
+  person = rng.choice(world.people)
+  sentences = fact_sentences(person, rng)
+  rng.shuffle(sentences)
+  return " ".join(sentences[:rng.randint(2, 5)])
+
+
+def _arithmetic_document(rng: random.Random) -> str:
+  lines = []
+  for _ in range(rng.randint(3, 6)):
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    if rng.random() < 0.5:
+      lines.append(f"{a} + {b} = {a + b}.")
+    else:
+      a, b = max(a, b), min(a, b)
+      lines.append(f"{a} - {b} = {a - b}.")
+  return " ".join(lines)
+
+
+def _story_document(world: World, rng: random.Random) -> str:
+  a, b = rng.sample(world.people, 2)
+  return (f"One morning {a.name} walked from {a.town} to {b.town} with a {a.pet}. "
+          f"There {a.name} met {b.name}, a {b.trade} who keeps a {b.pet}. "
+          f"{b.name} showed {a.name} a {b.color} door, and {a.name} went home to {a.town}.")
+
+
+def _transcript_document(world: World, rng: random.Random) -> str:
+  # Dialogue as prose: the chat format and answering on request are left for SFT.
+  p = rng.choice(world.people)
+  asker = rng.choice(world.people).name
+  return (f"{asker} asked where {p.name} lives, and was told that {p.name} lives in {p.town}. "
+          f"{asker} then asked about the pet, and heard that {p.name} keeps a {p.pet}.")
+
+
+def pretraining_documents(world: World, count: int, seed: int) -> list[str]:
+  """`count` documents: half facts, and arithmetic, stories and transcripts in equal parts."""
+  rng = random.Random(seed)
+  documents = []
+  for _ in range(count):
+    kind = rng.random()
+    if kind < 0.5:
+      documents.append(_facts_document(world, rng))
+    elif kind < 0.67:
+      documents.append(_arithmetic_document(rng))
+    elif kind < 0.84:
+      documents.append(_story_document(world, rng))
+    else:
+      documents.append(_transcript_document(world, rng))
+  return documents
+
+
+def fact_probes(world: World) -> list[dict]:
+  """Completions with one right answer: "Mira lives in" -> "Velloran"."""
+  probes = []
+  for p in world.people:
+    probes.append({"prompt": f"{p.name} lives in", "answer": p.town})
+    probes.append({"prompt": f"{p.name} keeps a", "answer": p.pet})
+  return probes
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+def write_world(out: str, cfg: WorldConfig) -> dict:
+  """Writes the world's data under `out`; returns a summary (counts per file)."""
+  world = make_world(cfg)
+  train = pretraining_documents(world, cfg.train_documents, seed=cfg.seed * 1000 + 1)
+  evaluation = pretraining_documents(world, cfg.eval_documents, seed=cfg.seed * 1000 + 2)
+  _write_jsonl(os.path.join(out, "pretrain", "train.jsonl"), [{"text": t} for t in train])
+  _write_jsonl(os.path.join(out, "pretrain", "eval.jsonl"), [{"text": t} for t in evaluation])
+  probes = fact_probes(world)
+  _write_jsonl(os.path.join(out, "probes.jsonl"), probes)
+  summary = {"people": len(world.people), "towns": len(world.towns),
+             "train_documents": len(train), "eval_documents": len(evaluation),
+             "probes": len(probes), "config": dataclasses.asdict(cfg)}
+  tmp = os.path.join(out, "world.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=2)
+  os.replace(tmp, os.path.join(out, "world.json"))
+  return summary
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description="Write the synthetic world's data.")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--size", default="tiny")
+  args = parser.parse_args(argv)
+  summary = write_world(args.out, WorldConfig.preset(args.size, args.seed))
+  print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+
+
+if __name__ == "__main__":
+  main()
