@@ -40,9 +40,9 @@ def main(argv):
     raise SystemExit("lm sample: give --prompt=TEXT or --prompt_ids=1,2,3")
 
   import jax
-  import sentencepiece
 
   from lm import checkpoints, configs, model, sampling
+  from lm.tokenizer import Tokenizer
 
   if CHECKPOINT.value is not None:
     cfg, head, graphdef, params = checkpoints.load_model(CHECKPOINT.value, step=STEP.value)
@@ -56,18 +56,18 @@ def main(argv):
   tokenizer_path = TOKENIZER.value or (
       os.path.join(CHECKPOINT.value, checkpoints.TOKENIZER_FILE) if CHECKPOINT.value else None)
   if tokenizer_path and os.path.exists(tokenizer_path):
-    tokenizer = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)
   if PROMPT.value and tokenizer is None:
     raise SystemExit("lm sample: --prompt needs a tokenizer (--tokenizer=FILE, or a checkpoint "
                      "directory holding tokenizer.model); use --prompt_ids otherwise")
 
-  prompts = [[tokenizer.bos_id()] + tokenizer.encode(text) for text in PROMPT.value]
+  prompts = [tokenizer.encode(text, bos=True) for text in PROMPT.value]
   prompts += [_parse_ids(text) for text in PROMPT_IDS.value]
   for prompt in prompts:
     bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
     if bad:
       raise SystemExit(f"lm sample: token ids {bad} are outside the vocabulary [0, {cfg.vocab_size})")
-  eos = tokenizer.eos_id() if tokenizer is not None else 2
+  eos = tokenizer.eos_id if tokenizer is not None else 2
   sample_cfg = sampling.SamplingConfig(
       temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,
       max_new_tokens=MAX_NEW.value, eos_id=eos)
