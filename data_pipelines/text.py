@@ -102,6 +102,7 @@ class PackedBatches:
     start, stop = cfg.rows or (0, cfg.batch_size)
     if len(rows) < cfg.batch_size:
       raise DataError(f"{len(rows)} packed rows cannot fill a batch of {cfg.batch_size}")
+    # One seeded permutation of the rows, repeated: each epoch visits every row once.
     dataset = (grain.MapDataset.source(rows).shuffle(seed=cfg.seed).repeat()
                .batch(cfg.batch_size, drop_remainder=True)
                .map(lambda batch: _to_batch(np.asarray(batch)[start:stop])))

@@ -318,17 +318,22 @@ def _jsonable(value):
 
 
 def _restore_or_init(trainer: Trainer, manager: checkpoints.Manager, params, data, log):
+  """The newest checkpoint that restores (a damaged one falls back to the one before), else a
+  fresh state from `params`."""
   steps = manager.all_steps()
+  if steps:
+    shapes = jax.eval_shape(params) if callable(params) else params
+    abstract_params = jax.tree.map(
+        lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), shapes,
+        trainer.param_shardings)
+    target = trainer.abstract_state(abstract_params)
+    extra_target = {"step": target.step, "rng": target.rng,
+                    "nonfinite_in_a_row": target.nonfinite_in_a_row,
+                    "nonfinite_total": target.nonfinite_total}
   for step in reversed(steps):
     try:
-      abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding),
-                                     _abstract_params_of(trainer, params))
-      target = trainer.abstract_state(abstract_params)
-      extra_target = {"step": target.step, "rng": target.rng,
-                      "nonfinite_in_a_row": target.nonfinite_in_a_row,
-                      "nonfinite_total": target.nonfinite_total}
       restored = manager.restore(step, target.params, target.opt_state, extra_target, data=True)
-    except Exception as e:  # a damaged checkpoint: fall back to the one before
+    except Exception as e:  # noqa: BLE001  (any damage to the files shows up differently)
       log(f"WARNING: checkpoint step {step} could not be restored ({type(e).__name__}: "
           f"{str(e)[:200]}); trying the previous one")
       continue
@@ -340,13 +345,6 @@ def _restore_or_init(trainer: Trainer, manager: checkpoints.Manager, params, dat
   if steps:
     log("WARNING: no checkpoint could be restored; starting from scratch")
   return trainer.init_state(params() if callable(params) else params)
-
-
-def _abstract_params_of(trainer: Trainer, params):
-  if callable(params):
-    params = jax.eval_shape(params)
-  return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                      params, trainer.param_shardings)
 
 
 class _PreemptionFlag:
