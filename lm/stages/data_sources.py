@@ -62,16 +62,21 @@ class ArithmeticRows:
 
 def _text_path(data_cfg, outputs: dict, split: str) -> str:
   """`source` is an earlier stage that wrote pretraining text (e.g. "world") or a path."""
+  if not data_cfg.source:
+    raise ValueError("data.source is empty: give the corpus, e.g. "
+                     "--config.stages.pretrain.data.source=/data/corpus (.jsonl/.txt files)")
   if data_cfg.source in outputs:
     return os.path.join(outputs[data_cfg.source], "pretrain", f"{split}.jsonl")
   return data_cfg.source if split == "train" else data_cfg.get("eval_source") or data_cfg.source
 
 
 def _packed_rows(data_cfg, tokenizer_path, outputs, split) -> np.ndarray:
+  path = _text_path(data_cfg, outputs, split)
   if not tokenizer_path:
-    raise ValueError(f"data.source={data_cfg.source!r} is text and needs a tokenizer")
+    raise ValueError(f"data.source={data_cfg.source!r} is text and needs a tokenizer "
+                     "(the stage's `tokenizer`: an earlier stage or a tokenizer.model path)")
   tokenizer = Tokenizer(tokenizer_path)
-  documents = text.read_documents(_text_path(data_cfg, outputs, split))
+  documents = text.read_documents(path)
   return text.pack_documents(text.tokenize_all(documents, tokenizer.encode), data_cfg.seq_len,
                              tokenizer.bos_id, tokenizer.eos_id)
 
