@@ -88,25 +88,38 @@ def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, bos: int, e
   return stream[:rows * (seq_len + 1)].reshape(rows, seq_len + 1)
 
 
-def _to_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
+def _to_batch(rows) -> dict[str, np.ndarray]:
+  """Packed rows -> a batch: [B, T + 1] token rows, or a dict of already-split [B, T] arrays."""
+  if isinstance(rows, dict):
+    return rows
   shape = (rows.shape[0], rows.shape[1] - 1)
   return {"tokens": rows[:, :-1], "targets": rows[:, 1:],
           "loss_mask": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
           "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
 
 
-class PackedBatches:
-  """An endless, shuffled, resumable stream of batches over packed rows."""
+def _take(rows, index):
+  return {k: v[index] for k, v in rows.items()} if isinstance(rows, dict) else rows[index]
 
-  def __init__(self, rows: np.ndarray, cfg: PackingConfig):
+
+def _count(rows) -> int:
+  return len(next(iter(rows.values()))) if isinstance(rows, dict) else len(rows)
+
+
+class PackedBatches:
+  """An endless, shuffled, resumable stream of batches over packed rows.
+
+  `rows` is [N, T + 1] token rows (pretraining) or a dict of [N, T] arrays (packed chat data).
+  """
+
+  def __init__(self, rows, cfg: PackingConfig):
     start, stop = cfg.rows or (0, cfg.batch_size)
-    if len(rows) < cfg.batch_size:
-      raise DataError(f"{len(rows)} packed rows cannot fill a batch of {cfg.batch_size}")
+    if _count(rows) < cfg.batch_size:
+      raise DataError(f"{_count(rows)} packed rows cannot fill a batch of {cfg.batch_size}")
     # One seeded permutation of the rows, repeated: each epoch visits every row once.
-    dataset = (grain.MapDataset.source(rows).shuffle(seed=cfg.seed).repeat()
+    dataset = (grain.MapDataset.range(_count(rows)).shuffle(seed=cfg.seed).repeat()
                .batch(cfg.batch_size, drop_remainder=True)
-               .map(lambda batch: _to_batch(np.asarray(batch)[start:stop])))
-    self._dataset = dataset
+               .map(lambda index: _to_batch(_take(rows, np.asarray(index)[start:stop]))))
     self._iterator = iter(dataset.to_iter_dataset())
 
   def __iter__(self):
@@ -122,14 +135,15 @@ class PackedBatches:
     self._iterator.set_state(state)
 
 
-def fixed_batches(rows: np.ndarray, batch_size: int, count: int,
+def fixed_batches(rows, batch_size: int, count: int,
                   process_rows: tuple[int, int] | None = None) -> list[dict]:
   """The first `count` batches of rows in order (for evaluation: the same every time)."""
   start, stop = process_rows or (0, batch_size)
-  count = min(count, len(rows) // batch_size)
+  count = min(count, _count(rows) // batch_size)
   if count == 0:
-    raise DataError(f"{len(rows)} packed rows cannot fill one batch of {batch_size}")
-  return [_to_batch(rows[i * batch_size:(i + 1) * batch_size][start:stop]) for i in range(count)]
+    raise DataError(f"{_count(rows)} packed rows cannot fill one batch of {batch_size}")
+  return [_to_batch(_take(rows, np.arange(i * batch_size, (i + 1) * batch_size)[start:stop]))
+          for i in range(count)]
 
 
 def tokenize_all(documents: Sequence[str], encode: Callable[[str], list[int]]) -> list[list[int]]:

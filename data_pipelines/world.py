@@ -8,8 +8,10 @@ This module holds the world and its pretraining text; it is written to disk with
 
   python -m data_pipelines.world --out=DIR [--seed=0] [--size=tiny]
 
-which writes DIR/pretrain/{train,eval}.jsonl ({"text": ...} per document) and DIR/probes.jsonl
-({"prompt", "answer"} fact completions), through the same JSONL path a user's own data takes.
+which writes DIR/pretrain/{train,eval}.jsonl ({"text": ...} per document), DIR/probes.jsonl
+({"prompt", "answer"} fact completions), DIR/sft/{train,eval}.jsonl (chat dialogues,
+{"messages": [{"role", "content"}, ...]}) and DIR/sft/questions.jsonl (held-out questions with
+their answers), through the same JSONL paths a user's own data takes.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ class WorldConfig:
   towns: int = 8
   train_documents: int = 6000
   eval_documents: int = 200
+  sft_dialogues: int = 3000
 
   @classmethod
   def preset(cls, size: str, seed: int = 0) -> WorldConfig:
-    sizes = {"test": dict(people=16, towns=4, train_documents=1500, eval_documents=150),
+    sizes = {"test": dict(people=16, towns=4, train_documents=1500, eval_documents=150,
+                          sft_dialogues=800),
              "tiny": {}, "small": dict(people=200, towns=20, train_documents=40000)}
     if size not in sizes:
       raise ValueError(f"unknown world size {size!r}; choose one of {sorted(sizes)}")
@@ -144,6 +148,66 @@ def pretraining_documents(world: World, count: int, seed: int) -> list[str]:
   return documents
 
 
+# Questions with one right answer each: (question, attribute). Held-out people are never asked
+# about in SFT training, so answer accuracy measures recall of pretrained facts in chat form.
+QUESTIONS = (
+    ("Where does {name} live?", "town", "{name} lives in {value}."),
+    ("What pet does {name} keep?", "pet", "{name} keeps a {value}."),
+    ("What is the favourite colour of {name}?", "color", "The favourite colour of {name} is {value}."),
+    ("How old is {name}?", "age", "{name} is {value} years old."),
+    ("What does {name} do for a living?", "trade", "{name} works as a {value}."),
+)
+# Inline instructions that apply to one answer only (SFT teaches following them per turn;
+# keeping one across turns from a system message is what GAtt adds later).
+INLINE = (
+    ("Answer in capitals: ", str.upper),
+    ("Answer in lower case: ", str.lower),
+)
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly and correctly.")
+
+
+def question_answer(person: Person, index: int) -> tuple[str, str, str]:
+  """(question, answer sentence, the bare value) for one of the QUESTIONS."""
+  template, attribute, answer = QUESTIONS[index]
+  value = str(getattr(person, attribute))
+  return (template.format(name=person.name), answer.format(name=person.name, value=value), value)
+
+
+def sft_people(world: World) -> tuple[list[Person], list[Person]]:
+  """(people SFT trains on, held-out people its evaluation asks about): a 3:1 split."""
+  people = list(world.people)
+  return [p for i, p in enumerate(people) if i % 4], [p for i, p in enumerate(people) if not i % 4]
+
+
+def sft_dialogues(world: World, count: int, seed: int, people: list[Person]) -> list[dict]:
+  """Chat dialogues of 1-4 turns about `people`: {"messages": [{"role", "content"}, ...]}."""
+  rng = random.Random(seed)
+  dialogues = []
+  for _ in range(count):
+    turns = rng.choice((1, 1, 2, 3, 4))
+    messages = []
+    if turns == 1 and rng.random() < 0.3:
+      messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    for _ in range(turns):
+      question, answer, _ = question_answer(rng.choice(people), rng.randrange(len(QUESTIONS)))
+      if rng.random() < 0.2:
+        prefix, style = rng.choice(INLINE)
+        question, answer = prefix + question, style(answer)
+      messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    dialogues.append({"messages": messages})
+  return dialogues
+
+
+def qa_eval_set(people: list[Person]) -> list[dict]:
+  """Every question about `people`, with the value a correct answer contains."""
+  rows = []
+  for person in people:
+    for index in range(len(QUESTIONS)):
+      question, _, value = question_answer(person, index)
+      rows.append({"question": question, "answer": value})
+  return rows
+
+
 def fact_probes(world: World) -> list[dict]:
   """Completions with one right answer: "Mira lives in" -> "Velloran"."""
   probes = []
@@ -171,9 +235,17 @@ def write_world(out: str, cfg: WorldConfig) -> dict:
   _write_jsonl(os.path.join(out, "pretrain", "eval.jsonl"), [{"text": t} for t in evaluation])
   probes = fact_probes(world)
   _write_jsonl(os.path.join(out, "probes.jsonl"), probes)
+  train_people, held_out = sft_people(world)
+  sft_train = sft_dialogues(world, cfg.sft_dialogues, cfg.seed * 1000 + 3, train_people)
+  sft_eval = sft_dialogues(world, max(cfg.sft_dialogues // 20, 16), cfg.seed * 1000 + 4, held_out)
+  _write_jsonl(os.path.join(out, "sft", "train.jsonl"), sft_train)
+  _write_jsonl(os.path.join(out, "sft", "eval.jsonl"), sft_eval)
+  qa = qa_eval_set(held_out)
+  _write_jsonl(os.path.join(out, "sft", "questions.jsonl"), qa)
   summary = {"people": len(world.people), "towns": len(world.towns),
              "train_documents": len(train), "eval_documents": len(evaluation),
-             "probes": len(probes), "config": dataclasses.asdict(cfg)}
+             "probes": len(probes), "sft_dialogues": len(sft_train), "qa_questions": len(qa),
+             "config": dataclasses.asdict(cfg)}
   tmp = os.path.join(out, "world.json.tmp")
   with open(tmp, "w") as f:
     json.dump(summary, f, indent=2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-KINDS = ("world", "tokenizer", "pretrain")
+KINDS = ("world", "tokenizer", "pretrain", "sft")
 
 
 def stage_module(kind: str):

@@ -1,0 +1,60 @@
+"""Llama 2-Chat, stage by stage: tokenizer -> pretrain -> SFT (GAtt, reward models and RLHF follow).
+
+  lm run experiments/llama2_chat.py:tiny --workdir=/tmp/chat      # the embedded default, CPU
+  lm run experiments/llama2_chat.py:7b --workdir=gs://B/chat \\
+      --config.stages.pretrain.data.source=/data/corpus \\
+      --config.stages.sft.data.source=/data/sft.jsonl --config.stages.pretrain.tokenizer=/m/tokenizer.model
+
+Presets: tiny (the synthetic world, minutes on a laptop), test (smaller, for the test suite),
+7b, 13b, 34b, 70b (the paper's settings; SFT: LR 2e-5 cosine, wd 0.1, batch 64, seq 4096,
+2 epochs).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import common, pretrain
+
+PRESETS = ("tiny", "test") + common.PAPER_SIZES
+SFT_EXAMPLES = 27_540  # the paper's vendor-annotated SFT set
+
+
+def sft_stage(preset: str) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.kind = "sft"
+  s.init_from = "pretrain"
+  s.tokenizer = "tokenizer"
+  s.z_loss = 0.0
+  if preset in common.PAPER_SIZES:
+    s.tokenizer = ""
+    s.data = ml_collections.ConfigDict(dict(source="", eval_source="", seq_len=4096,
+                                            eval_batches=4, skip_too_long=False))
+    # 2 epochs of ~27.5k examples packed into 4096-token rows, 64 rows per step.
+    s.train = common.train(steps=2 * SFT_EXAMPLES // 64, batch_size=64, log_every=10,
+                           eval_every=100, checkpoint_every=100)
+    s.optimizer = common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0)
+  else:
+    s.data = ml_collections.ConfigDict(dict(source="world", eval_source="", seq_len=256,
+                                            eval_batches=2, skip_too_long=False))
+    s.train = common.train(steps=150 if preset == "tiny" else 80, batch_size=16, log_every=10,
+                           checkpoint_every=50)
+    s.optimizer = common.optimizer(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
+  s.model = pretrain.pretrain_stage("tiny" if preset not in common.PAPER_SIZES else preset).model
+  return s
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+  base_preset = "tiny" if preset == "test" else preset
+  c = pretrain.get_config(base_preset)
+  c.stages.sft = sft_stage(preset)
+  if preset == "test":
+    c.stages.world.size = "test"
+    c.stages.tokenizer.vocab_size = 384
+    c.stages.pretrain.model.vocab_size = 384
+    c.stages.sft.model.vocab_size = 384
+    c.stages.pretrain.train.steps = 100
+  c.pipeline = tuple(c.pipeline) + ("sft",)
+  return c
