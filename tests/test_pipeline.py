@@ -118,3 +118,17 @@ def test_tiny_pipeline_on_the_world_learns_facts(tmp_path):
   assert metrics["fact_accuracy"] > 0.35
   assert metrics["perplexity"] < 4.0
   assert (tmp_path / "pretrain" / "tokenizer.model").exists()
+
+
+def test_chat_pipeline_sft_teaches_the_format_and_answers(tmp_path):
+  """world -> tokenizer -> pretrain -> SFT at test size: SFT's effect, measured."""
+  result = lm("run", "experiments/llama2_chat.py:test", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  sft = json.loads((tmp_path / "sft" / "metrics.json").read_text())
+  # The pretrained model has never seen [INST]: it rarely stops and never answers. Measured
+  # after 80 SFT steps: stop-at-EOS 0.1 -> 1.0, held-out answer loss 2.7 -> 1.1, answers on
+  # held-out people 0.0 -> 0.2 (20 questions).
+  assert sft["stop_at_eos"] >= 0.9 > sft["stop_at_eos_before"]
+  assert sft["loss"] < 0.6 * sft["loss_before"]
+  assert sft["answer_accuracy"] > sft["answer_accuracy_before"]
+  assert "## sft" in (tmp_path / "report.md").read_text()
