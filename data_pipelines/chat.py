@@ -14,12 +14,11 @@ segment_ids, positions.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Callable, Sequence
 
 import numpy as np
 
-from data_pipelines.text import DataError, document_files
+from data_pipelines.text import DataError, document_files, jsonl_rows
 
 EncodeDialog = Callable[[Sequence[dict]], "object"]  # -> .tokens, .loss_mask
 
@@ -38,20 +37,10 @@ def read_dialogues(source: str) -> list[tuple[str, list[dict]]]:
   """[(where, messages)] from the JSONL files of `source`; `where` is "file:line"."""
   dialogues = []
   for path in document_files(source):
-    with open(path, "rb") as f:
-      for number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        where = f"{path}:{number}"
-        try:
-          row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-          raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from e
-        except json.JSONDecodeError as e:
-          raise DataError(f"{where}: malformed JSON ({e.msg})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-          raise DataError(f"{where}: needs a list field 'messages'")
-        dialogues.append((where, row["messages"]))
+    for where, row in jsonl_rows(path):
+      if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+        raise DataError(f"{where}: needs a list field 'messages'")
+      dialogues.append((where, row["messages"]))
   return dialogues
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -61,21 +61,30 @@ def read_documents(source: str) -> list[str]:
       if text.strip():
         documents.append(text)
       continue
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line.decode("utf-8"))
-      except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{number}: invalid UTF-8 at byte {e.start}") from e
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{number}: malformed JSON ({e.msg})") from e
+    for where, row in jsonl_rows(path, raw):
       if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-        raise DataError(f"{path}:{number}: needs a string field 'text'")
+        raise DataError(f"{where}: needs a string field 'text'")
       if not row["text"].strip():
-        raise DataError(f"{path}:{number}: empty 'text'")
+        raise DataError(f"{where}: empty 'text'")
       documents.append(row["text"])
   return documents
+
+
+def jsonl_rows(path: str, raw: bytes | None = None) -> Iterator[tuple[str, object]]:
+  """("file:line", parsed JSON) for every non-blank line; bad UTF-8 or JSON names its line."""
+  if raw is None:
+    with open(path, "rb") as f:
+      raw = f.read()
+  for number, line in enumerate(raw.split(b"\n"), start=1):
+    if not line.strip():
+      continue
+    where = f"{path}:{number}"
+    try:
+      yield where, json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from e
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: malformed JSON ({e.msg})") from e
 
 
 def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, bos: int, eos: int
