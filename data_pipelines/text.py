@@ -146,8 +146,16 @@ class PackedBatches:
 
 def fixed_batches(rows, batch_size: int, count: int,
                   process_rows: tuple[int, int] | None = None) -> list[dict]:
-  """The first `count` batches of rows in order (for evaluation: the same every time)."""
+  """The first `count` batches of rows in order (for evaluation: the same every time).
+
+  Masked rows (dicts with a loss_mask) fewer than one batch are padded with empty rows, which
+  carry no loss, so a small evaluation set still makes one batch.
+  """
   start, stop = process_rows or (0, batch_size)
+  if isinstance(rows, dict) and "loss_mask" in rows and 0 < _count(rows) < batch_size:
+    missing = batch_size - _count(rows)
+    rows = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+            for k, v in rows.items()}
   count = min(count, _count(rows) // batch_size)
   if count == 0:
     raise DataError(f"{_count(rows)} packed rows cannot fill one batch of {batch_size}")

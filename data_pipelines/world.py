@@ -11,7 +11,8 @@ This module holds the world and its pretraining text; it is written to disk with
 which writes DIR/pretrain/{train,eval}.jsonl ({"text": ...} per document), DIR/probes.jsonl
 ({"prompt", "answer"} fact completions), DIR/sft/{train,eval}.jsonl (chat dialogues,
 {"messages": [{"role", "content"}, ...]}) and DIR/sft/questions.jsonl (held-out questions with
-their answers), through the same JSONL paths a user's own data takes.
+their answers), DIR/gatt/ (GAtt's instruction bank, multi-turn dialogues and adherence
+evaluation set; see data_pipelines/world_gatt.py), through the same JSONL paths a user's own data takes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import dataclasses
 import json
 import os
 import random
+
+from data_pipelines import instructions
 
 SYLLABLES = ("ka", "lo", "mi", "ra", "ve", "no", "su", "ti", "da", "re", "ul", "os", "an", "be",
              "ri", "fa", "zo", "el", "ma", "ki", "to", "pe", "lu", "ni")
@@ -39,11 +42,14 @@ class WorldConfig:
   train_documents: int = 6000
   eval_documents: int = 200
   sft_dialogues: int = 3000
+  gatt_dialogues: int = 600
+  gatt_eval_dialogues: int = 64
+  gatt_eval_turns: int = 8
 
   @classmethod
   def preset(cls, size: str, seed: int = 0) -> WorldConfig:
     sizes = {"test": dict(people=16, towns=4, train_documents=1500, eval_documents=150,
-                          sft_dialogues=800),
+                          sft_dialogues=800, gatt_dialogues=240, gatt_eval_dialogues=32),
              "tiny": {}, "small": dict(people=200, towns=20, train_documents=40000)}
     if size not in sizes:
       raise ValueError(f"unknown world size {size!r}; choose one of {sorted(sizes)}")
@@ -157,13 +163,12 @@ QUESTIONS = (
     ("How old is {name}?", "age", "{name} is {value} years old."),
     ("What does {name} do for a living?", "trade", "{name} works as a {value}."),
 )
-# Inline instructions that apply to one answer only (SFT teaches following them per turn;
-# keeping one across turns from a system message is what GAtt adds later).
-INLINE = (
-    ("Answer in capitals: ", str.upper),
-    ("Answer in lower case: ", str.lower),
-)
+# Generic system prompts; SFT also uses the GAtt families' instructions, but only where they apply
+# to one answer (appended to a user turn, or as the system prompt of a single-turn dialogue), so
+# keeping an instruction across turns is left for GAtt to teach.
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly and correctly.")
+INSTRUCTED_TURNS = 0.3  # share of SFT user turns carrying an instruction for that answer only
+HOBBY_TURNS = 0.1  # share of SFT user turns asking what the assistant enjoys
 
 
 def question_answer(person: Person, index: int) -> tuple[str, str, str]:
@@ -179,20 +184,45 @@ def sft_people(world: World) -> tuple[list[Person], list[Person]]:
   return [p for i, p in enumerate(people) if i % 4], [p for i, p in enumerate(people) if not i % 4]
 
 
+def world_turn(people: list[Person], rng: random.Random, hobby_share: float = HOBBY_TURNS
+               ) -> tuple[str, str]:
+  """One (question, plain correct answer): a question about a person, or what the assistant
+  enjoys."""
+  if rng.random() < hobby_share:
+    return rng.choice(instructions.HOBBY_QUESTIONS), instructions.DEFAULT_HOBBY_ANSWER
+  question, answer, _ = question_answer(rng.choice(people), rng.randrange(len(QUESTIONS)))
+  return question, answer
+
+
 def sft_dialogues(world: World, count: int, seed: int, people: list[Person]) -> list[dict]:
-  """Chat dialogues of 1-4 turns about `people`: {"messages": [{"role", "content"}, ...]}."""
+  """Chat dialogues of 1-4 turns about `people`: {"messages": [{"role", "content"}, ...]}.
+
+  Some turns carry an instruction from the GAtt families that the answer obeys; it holds for that
+  answer only (the next turn is answered plainly), so SFT teaches following an instruction in
+  the current turn and not keeping one.
+  """
   rng = random.Random(seed)
+  bank = instructions.default_bank()
   dialogues = []
   for _ in range(count):
     turns = rng.choice((1, 1, 2, 3, 4))
     messages = []
     if turns == 1 and rng.random() < 0.3:
-      messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+      question, answer = world_turn(people, rng)
+      if rng.random() < 0.5:
+        system = rng.choice(SYSTEM_PROMPTS)
+      else:
+        instruction = instructions.random_instruction(bank, rng)
+        system, answer = instruction.text, instruction.apply(question, answer)
+      messages = [{"role": "system", "content": system}, {"role": "user", "content": question},
+                  {"role": "assistant", "content": answer}]
+      dialogues.append({"messages": messages})
+      continue
     for _ in range(turns):
-      question, answer, _ = question_answer(rng.choice(people), rng.randrange(len(QUESTIONS)))
-      if rng.random() < 0.2:
-        prefix, style = rng.choice(INLINE)
-        question, answer = prefix + question, style(answer)
+      question, answer = world_turn(people, rng)
+      if rng.random() < INSTRUCTED_TURNS:
+        instruction = instructions.random_instruction(bank, rng)
+        question, answer = f"{question} {instruction.text}", instruction.apply(question, answer)
       messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     dialogues.append({"messages": messages})
   return dialogues
@@ -242,9 +272,16 @@ def write_world(out: str, cfg: WorldConfig) -> dict:
   _write_jsonl(os.path.join(out, "sft", "eval.jsonl"), sft_eval)
   qa = qa_eval_set(held_out)
   _write_jsonl(os.path.join(out, "sft", "questions.jsonl"), qa)
+  from data_pipelines import world_gatt  # it builds on this module's people and questions
+  gatt = world_gatt.gatt_files(world, cfg.gatt_dialogues, cfg.gatt_eval_dialogues,
+                               cfg.gatt_eval_turns, cfg.seed * 1000 + 5)
+  for relative, rows in gatt.items():
+    _write_jsonl(os.path.join(out, relative), rows)
   summary = {"people": len(world.people), "towns": len(world.towns),
              "train_documents": len(train), "eval_documents": len(evaluation),
              "probes": len(probes), "sft_dialogues": len(sft_train), "qa_questions": len(qa),
+             "gatt_dialogues": len(gatt["gatt/dialogues.jsonl"]),
+             "gatt_eval_dialogues": len(gatt["gatt/eval.jsonl"]),
              "config": dataclasses.asdict(cfg)}
   tmp = os.path.join(out, "world.json.tmp")
   with open(tmp, "w") as f:

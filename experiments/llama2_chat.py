@@ -1,13 +1,15 @@
-"""Llama 2-Chat, stage by stage: tokenizer -> pretrain -> SFT (GAtt, reward models and RLHF follow).
+"""Llama 2-Chat, stage by stage: tokenizer -> pretrain -> SFT -> GAtt (reward models and RLHF follow).
 
   lm run experiments/llama2_chat.py:tiny --workdir=/tmp/chat      # the embedded default, CPU
   lm run experiments/llama2_chat.py:7b --workdir=gs://B/chat \\
       --config.stages.pretrain.data.source=/data/corpus \\
-      --config.stages.sft.data.source=/data/sft.jsonl --config.stages.pretrain.tokenizer=/m/tokenizer.model
+      --config.stages.sft.data.source=/data/sft.jsonl --config.stages.pretrain.tokenizer=/m/tokenizer.model \\
+      --config.stages.gatt.data.source=/data/multiturn.jsonl --config.stages.gatt.eval.source=/data/gatt_eval.jsonl
 
 Presets: tiny (the synthetic world, minutes on a laptop), test (smaller, for the test suite),
 7b, 13b, 34b, 70b (the paper's settings; SFT: LR 2e-5 cosine, wd 0.1, batch 64, seq 4096,
-2 epochs).
+2 epochs; GAtt: the same recipe on its generated data [U], instructions from the bank's families
+with up to 3 combined constraints).
 """
 
 from __future__ import annotations
@@ -35,12 +37,38 @@ def sft_stage(preset: str) -> ml_collections.ConfigDict:
                            eval_every=100, checkpoint_every=100)
     s.optimizer = common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0)
   else:
-    s.data = ml_collections.ConfigDict(dict(source="world", eval_source="", seq_len=256,
+    s.data = ml_collections.ConfigDict(dict(source="world", eval_source="", seq_len=384,
                                             eval_batches=2, skip_too_long=False))
     s.train = common.train(steps=150 if preset == "tiny" else 80, batch_size=16, log_every=10,
                            checkpoint_every=50)
     s.optimizer = common.optimizer(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
   s.model = pretrain.pretrain_stage("tiny" if preset not in common.PAPER_SIZES else preset).model
+  return s
+
+
+def gatt_stage(preset: str) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.kind = "gatt"
+  s.init_from = "sft"
+  s.tokenizer = "tokenizer"
+  s.z_loss = 0.0
+  paper = preset in common.PAPER_SIZES
+  s.data = ml_collections.ConfigDict(dict(
+      source="" if paper else "world", instructions="", seq_len=4096 if paper else 384,
+      max_constraints=3 if paper else 2, terse_fraction=0.5, examples="every_turn",
+      keep_only_adherent=True, skip_too_long=False, eval_fraction=0.05, eval_batches=2))
+  s.sampling = ml_collections.ConfigDict(dict(
+      temperature=0.6, top_p=0.9, max_new_tokens=512 if paper else 48,
+      batch_size=64 if paper else 128))
+  s.eval = ml_collections.ConfigDict(dict(source="", max_new_tokens=512 if paper else 48,
+                                          batch_size=64))
+  if paper:
+    s.train = common.train(steps=500, batch_size=64, log_every=10, checkpoint_every=100)
+    s.optimizer = common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0)
+  else:
+    s.train = common.train(steps=120 if preset == "tiny" else 60, batch_size=16, log_every=10,
+                           checkpoint_every=50)
+    s.optimizer = common.optimizer(lr=5e-4, warmup_steps=10, final_lr_fraction=0.1)
   return s
 
 
@@ -50,11 +78,18 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   base_preset = "tiny" if preset == "test" else preset
   c = pretrain.get_config(base_preset)
   c.stages.sft = sft_stage(preset)
+  c.stages.gatt = gatt_stage(preset)
+  if preset not in common.PAPER_SIZES:
+    # Rows stay 256 tokens; the longer bound leaves room for 8-turn conversations at evaluation.
+    c.stages.pretrain.model.max_seq_len = 512
+    # Chat text (instructions, capitals, signatures) needs more pieces than plain world text
+    # to keep 8-turn dialogues within a few hundred tokens.
+    vocab = 1024 if preset == "tiny" else 768
+    c.stages.tokenizer.vocab_size = vocab
+    c.stages.pretrain.model.vocab_size = vocab
+    c.stages.sft.model.vocab_size = vocab
   if preset == "test":
     c.stages.world.size = "test"
-    c.stages.tokenizer.vocab_size = 384
-    c.stages.pretrain.model.vocab_size = 384
-    c.stages.sft.model.vocab_size = 384
     c.stages.pretrain.train.steps = 100
-  c.pipeline = tuple(c.pipeline) + ("sft",)
+  c.pipeline = tuple(c.pipeline) + ("sft", "gatt")
   return c

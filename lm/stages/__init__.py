@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-KINDS = ("world", "tokenizer", "pretrain", "sft")
+KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt")
 
 
 def stage_module(kind: str):
