@@ -19,6 +19,7 @@ from data_pipelines import instructions
 from data_pipelines.world import Person, World, world_turn
 
 GATT_HOBBY_TURNS = 0.25
+EVAL_HOBBY_TURNS = 0.5
 
 
 def gatt_dialogues(count: int, seed: int, people: list[Person], max_turns: int = 6) -> list[dict]:
@@ -41,7 +42,10 @@ def adherence_eval_set(count: int, seed: int, people: list[Person], turns: int,
   rows = []
   for _ in range(count):
     instruction = instructions.random_instruction(bank, rng)
-    questions = [world_turn(people, rng, GATT_HOBBY_TURNS)[0] for _ in range(turns)]
+    # A hobby only shows when asked about, so conversations under one ask about it more often.
+    hobby = any(c.family == "hobby" for c in instruction.constraints)
+    share = EVAL_HOBBY_TURNS if hobby else GATT_HOBBY_TURNS
+    questions = [world_turn(people, rng, share)[0] for _ in range(turns)]
     rows.append({"instruction": instruction.to_json(), "questions": questions})
   return rows
 
