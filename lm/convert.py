@@ -72,8 +72,12 @@ def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
   }[_split_name(name, cfg)[2]]
 
 
-def hf_to_ours(name: str, tensor: np.ndarray, cfg: ModelConfig) -> tuple[tuple[str, ...], int | None, np.ndarray]:
+def hf_to_ours(name: str, tensor: np.ndarray, cfg: ModelConfig, contiguous: bool = True,
+               ) -> tuple[tuple[str, ...], int | None, np.ndarray]:
   """Maps one HF tensor to (our path, layer index or None, array in our layout).
+
+  With `contiguous=False` the array may be a transposed view of `tensor` (no copy), for writers
+  that copy it out block by block.
 
   Raises ValueError naming the tensor when the name is unknown or its shape is not what `cfg`
   implies.
@@ -92,7 +96,7 @@ def hf_to_ours(name: str, tensor: np.ndarray, cfg: ModelConfig) -> tuple[tuple[s
       "mlp.gate_proj.weight": lambda t: t.T, "mlp.up_proj.weight": lambda t: t.T,
       "mlp.down_proj.weight": lambda t: t.T, "lm_head.weight": lambda t: t.T,
   }.get(suffix, lambda t: t)(tensor)
-  return path, layer, np.ascontiguousarray(ours)
+  return path, layer, np.ascontiguousarray(ours) if contiguous else ours
 
 
 def ours_to_hf(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
@@ -140,8 +144,10 @@ def hf_name(path: tuple[str, ...], layer: int | None) -> str:
   return f"model.layers.{layer}.{suffix}"
 
 
-def our_layer_to_hf(path: tuple[str, ...], array: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-  """One of our arrays (one layer's slice for stacked params) -> HF layout, C-contiguous."""
+def our_layer_to_hf(path: tuple[str, ...], array: np.ndarray, cfg: ModelConfig,
+                    contiguous: bool = True) -> np.ndarray:
+  """One of our arrays (one layer's slice for stacked params) -> HF layout; C-contiguous unless
+  `contiguous=False`, which may return a transposed view."""
   d, n, k, h = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
   to_hf = {
       ("layers", "attention", "wq"): lambda a: a.reshape(d, n * h).T,
@@ -151,7 +157,8 @@ def our_layer_to_hf(path: tuple[str, ...], array: np.ndarray, cfg: ModelConfig) 
       ("layers", "feed_forward", "w1"): lambda a: a.T, ("layers", "feed_forward", "w3"): lambda a: a.T,
       ("layers", "feed_forward", "w2"): lambda a: a.T, ("output",): lambda a: a.T,
   }
-  return np.ascontiguousarray(to_hf.get(tuple(path), lambda a: a)(array))
+  out = to_hf.get(tuple(path), lambda a: a)(array)
+  return np.ascontiguousarray(out) if contiguous else out
 
 
 # Meta tensor suffix -> (HF suffix, axis the model-parallel shards are concatenated on, or None for

@@ -112,7 +112,8 @@ def export_hf(directory: str | os.PathLike, dst: str | os.PathLike, *, dtype: st
   def arrays(shard):
     for name, _, _ in shard:
       path, layer = convert.our_path(name, cfg)
-      yield convert.our_layer_to_hf(path, reader.read(path, layer), cfg).astype(dtype)
+      hf = convert.our_layer_to_hf(path, reader.read(path, layer), cfg, contiguous=False)
+      yield hf.astype(dtype, copy=False)
 
   shards = _shards(specs, max_shard_bytes)
   with output.atomic_directory(dst, overwrite) as tmp:

@@ -36,7 +36,8 @@ def streamed_params(source: sources.Source, cfg: ModelConfig) -> dict:
 
   def ours(path, layer):
     name = names[(path, layer)]
-    got_path, got_layer, array = convert.hf_to_ours(name, source.read(name), cfg)
+    # A view of the source tensor: the writer copies it out a storage chunk at a time.
+    got_path, got_layer, array = convert.hf_to_ours(name, source.read(name), cfg, contiguous=False)
     assert (got_path, got_layer) == (path, layer), (name, got_path, got_layer)
     return array
 

@@ -92,6 +92,18 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
   return array
 
 
+def _write_rows(f, array: np.ndarray, block_bytes: int = 16 * 2**20) -> None:
+  """Writes `array` in C order; a non-contiguous view (a transpose) is copied a block of rows at a
+  time rather than whole."""
+  if array.ndim == 0 or array.flags.c_contiguous:
+    f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+    return
+  row_bytes = max(1, array[0].size * array.itemsize)
+  step = max(1, block_bytes // row_bytes)
+  for start in range(0, array.shape[0], step):
+    f.write(memoryview(np.ascontiguousarray(array[start:start + step]).reshape(-1).view(np.uint8)))
+
+
 def write(path: str | os.PathLike, specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
           arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> None:
   """Writes tensors (name, dtype, shape) whose data `arrays` yields one at a time, in order."""
@@ -112,7 +124,7 @@ def write(path: str | os.PathLike, specs: Sequence[tuple[str, np.dtype, tuple[in
       if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
         raise ValueError(f"{path}: tensor {name!r} is {array.dtype}{tuple(array.shape)}, the header "
                          f"says {np.dtype(dtype)}{tuple(shape)}")
-      f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+      _write_rows(f, array)
       count += 1
   if count != len(specs):
     raise ValueError(f"{path}: got {count} tensors for a header of {len(specs)}")

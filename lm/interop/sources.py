@@ -251,11 +251,12 @@ def _to_numpy(tensor) -> np.ndarray:
 class MetaSource(Source):
   """A Meta directory: consolidated.NN.pth (model-parallel shards), params.json, tokenizer.model.
 
-  Shards are memory-mapped; mapped pages count towards the resident set until the file is
-  unmapped, so the shards are reopened after every `reopen_bytes` read.
+  Shards are memory-mapped, and mapped pages count towards the resident set for as long as the
+  file stays mapped, so every read maps the shards afresh and lets go of them afterwards: a
+  tensor's pages stay resident only while the tensor itself is in use.
   """
 
-  def __init__(self, directory: str, reopen_bytes: int = 256 * 2**20, **overrides):
+  def __init__(self, directory: str, **overrides):
     self.directory = directory
     params_file = os.path.join(directory, "params.json")
     if not os.path.exists(params_file):
@@ -267,8 +268,7 @@ class MetaSource(Source):
     if not self.files or numbers != list(range(len(self.files))):
       raise FileNotFoundError(f"{directory}: expected consolidated.00.pth ... consolidated.NN.pth, "
                               f"found {[os.path.basename(f) for f in self.files]}")
-    self.reopen_bytes, self._since_open, self._states = reopen_bytes, 0, None
-    states = self._open()
+    states = [load_pth(f) for f in self.files]
     self._check_names(states, int(params["n_layers"]))
     vocab_size = tuple(states[0]["tok_embeddings.weight"].shape)[0]
     self.cfg = config_from_meta(params, vocab_size, params_file, **overrides)
@@ -278,15 +278,10 @@ class MetaSource(Source):
     for meta, (hf, axis) in self.meta_names.items():
       self.shapes[hf] = self._merged_shape(states, meta, axis)
       self.where[hf] = ", ".join(os.path.basename(f) for f in self.files) + f" ({meta})"
+    del states
     self.check("params.json")
     self.tokenizer_path = _tokenizer(directory)
     _check_tokenizer(self.tokenizer_path, self.cfg.vocab_size, directory)
-
-  def _open(self) -> list[dict]:
-    if self._states is None:
-      self._states = [load_pth(f) for f in self.files]
-      self._since_open = 0
-    return self._states
 
   def _check_names(self, states: list[dict], n_layers: int) -> None:
     expected = set(convert.meta_tensor_names(n_layers))
@@ -314,18 +309,21 @@ class MetaSource(Source):
 
   def _read(self, name: str) -> np.ndarray:
     meta, axis = self.to_meta[name]
-    states = self._open()
-    # Copies out of the mapping, so the arrays outlive the reopen below.
-    pieces = [_to_numpy(s[meta]) for s in states]
-    merged = np.array(pieces[0]) if axis is None or len(pieces) == 1 else np.concatenate(pieces, axis)
-    del pieces
-    self._since_open += merged.nbytes
-    if self._since_open >= self.reopen_bytes:
-      self.close()
+    if axis is None or len(self.files) == 1:
+      # A view into the mapping (no copy); the file stays mapped as long as the array lives.
+      merged = _to_numpy(load_pth(self.files[0])[meta])
+    else:
+      merged = None
+      offset = 0
+      for file in self.files:
+        piece = _to_numpy(load_pth(file)[meta])
+        if merged is None:  # Meta and HF shapes agree (HF only reorders Q/K rows)
+          merged = np.empty(self.shapes[name], piece.dtype)
+        index = (slice(None),) * axis + (slice(offset, offset + piece.shape[axis]),)
+        merged[index] = piece
+        offset += piece.shape[axis]
+        del piece  # unmaps this shard before the next is mapped
     return convert.meta_to_hf(name, merged, self.cfg)
-
-  def close(self) -> None:
-    self._states = None
 
 
 def open_source(kind: str, directory: str, **overrides) -> Source:

@@ -30,20 +30,27 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from lm import checkpoints
 
-Slabs = Callable[[], Iterator[tuple[tuple[slice, ...], np.ndarray]]]
+Pieces = Callable[[], Iterator[tuple[tuple[slice, ...], np.ndarray]]]
+
+
+# Storage chunks are capped so TensorStore's per-write buffers stay small next to the one layer
+# being written (a 70B w1 layer is 0.9 GB in fp32).
+CHUNK_BYTES = 16 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamedArray:
-  """An array of `shape` and `dtype` that `slabs()` yields as (index, array) pieces.
+  """An array of `shape` and `dtype` that `pieces()` yields as (index, array) pieces.
 
-  `chunk_shape` is the storage chunk; pieces should be whole chunks so none is rewritten.
+  Each piece spans whole rows of `split_axis` chunks (`chunk_shape`), and is written a chunk
+  row-block at a time.
   """
 
   shape: tuple[int, ...]
   dtype: np.dtype
   chunk_shape: tuple[int, ...]
-  slabs: Slabs
+  split_axis: int
+  pieces: Pieces
 
   @property
   def ndim(self) -> int:
@@ -52,6 +59,13 @@ class StreamedArray:
   @property
   def size(self) -> int:
     return int(np.prod(self.shape))
+
+
+def _chunk_shape(shape: tuple[int, ...], axis: int, itemsize: int) -> tuple[int, ...]:
+  """`shape` with 1 before `axis` and as many `axis` rows as fit in CHUNK_BYTES."""
+  row_bytes = int(np.prod(shape[axis + 1:], dtype=np.int64)) * itemsize
+  rows = max(1, min(shape[axis], CHUNK_BYTES // max(row_bytes, 1)))
+  return (1,) * axis + (rows,) + tuple(shape[axis + 1:])
 
 
 class _StreamedHandler(ocp.type_handlers.NumpyHandler):
@@ -69,11 +83,18 @@ class _StreamedHandler(ocp.type_handlers.NumpyHandler):
           process_index=ocdbt_utils.get_process_index_for_subdir(
               use_ocdbt=info.is_ocdbt_checkpoint))
       store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-      for index, piece in value.slabs():
+      axis, step = value.split_axis, value.chunk_shape[value.split_axis]
+      for index, piece in value.pieces():
         if piece.dtype != value.dtype:
-          raise TypeError(f"{info.name}: slab dtype {piece.dtype} != {value.dtype}")
-        # Awaited one at a time: the next slab is produced only once this one is on disk.
-        await store[index].write(piece)
+          raise TypeError(f"{info.name}: piece dtype {piece.dtype} != {value.dtype}")
+        offset = (index[axis].start or 0) if axis < len(index) else 0
+        for start in range(0, piece.shape[axis], step):
+          stop = min(start + step, piece.shape[axis])
+          block = (slice(None),) * axis + (slice(start, stop),)
+          target = tuple(index[:axis]) + (slice(offset + start, offset + stop),)
+          # Awaited one at a time: the next piece is produced only once this one is on disk.
+          await store[target].write(piece[block], can_reference_source_data_indefinitely=True)
+        del piece  # before the next piece is produced, not after
 
   async def serialize(self, values, infos, args=None):
     args = args or [ocp.type_handlers.SaveArgs()] * len(values)
@@ -81,32 +102,32 @@ class _StreamedHandler(ocp.type_handlers.NumpyHandler):
         self._background_serialize(values, infos, args), name="streamed_array")]
 
 
-ocp.type_handlers.register_type_handler(StreamedArray, _StreamedHandler(), override=True)
-
-
 def stacked(shape: tuple[int, ...], dtype, layer: Callable[[int], np.ndarray]) -> StreamedArray:
   """A [L, ...] array whose layer i is `layer(i)` (shape[1:]), produced and stored per layer."""
   dtype = np.dtype(dtype)
 
-  def slabs():
+  def pieces():
     for i in range(shape[0]):
-      yield (slice(i, i + 1),), np.asarray(layer(i), dtype)[None]
+      yield (slice(i, i + 1),), layer(i).astype(dtype, copy=False)[None]
 
-  return StreamedArray(tuple(shape), dtype, (1,) + tuple(shape[1:]), slabs)
+  return StreamedArray(tuple(shape), dtype, _chunk_shape(shape, 1, dtype.itemsize), 1, pieces)
 
 
 def whole(shape: tuple[int, ...], dtype, make: Callable[[], np.ndarray]) -> StreamedArray:
   """An array produced in one piece (the embedding, the output head, the final norm)."""
   dtype = np.dtype(dtype)
-  return StreamedArray(tuple(shape), dtype, tuple(shape),
-                       lambda: iter([((), np.asarray(make(), dtype))]))
+  return StreamedArray(tuple(shape), dtype, _chunk_shape(shape, 0, dtype.itemsize), 0,
+                       lambda: iter([((), make().astype(dtype, copy=False))]))
 
 
 def save(directory: str | os.PathLike, tree: Any, step: int = 0) -> None:
   """Writes `tree` (StreamedArrays) as the `params` item of DIR/checkpoints/<step>."""
+  # A registry of our own, so the global one (used by every other save) is left alone.
+  registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, _StreamedHandler()))
   manager = ocp.CheckpointManager(
       epath.Path(directory) / checkpoints.CHECKPOINT_DIR,
-      options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+      options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+      item_handlers={"params": ocp.PyTreeCheckpointHandler(type_handler_registry=registry)})
   manager.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(tree)), force=True)
   manager.wait_until_finished()
   manager.close()
