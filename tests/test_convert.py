@@ -4,9 +4,7 @@ GQA, round trips checked with transformers' logits, and the ways a bad input mus
 import glob
 import json
 import os
-import pickle
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -229,3 +227,33 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
   importer.import_checkpoint(sources.open_source("hf", str(tmp_path / "hf")),
                              str(tmp_path / "ours"), overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["hf", "ours"]
+
+
+def test_command_line_convert_sample_export(tmp_path, tokenizer):
+  """The verbs as a user runs them: convert a Meta directory, sample from it, export it, and load
+  the export (weights and tokenizer) with transformers."""
+  import subprocess
+  import sys
+  cfg = helpers.SHAPES["gqa"]
+  hf = helpers.hf_model(cfg)
+  helpers.write_meta(hf, cfg, str(tmp_path / "meta"), 2, tokenizer)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  run = lambda *args: subprocess.run([sys.executable, "-m", "lm.cli", *args], env=env,
+                                     capture_output=True, text=True, timeout=300)
+  ours, back = str(tmp_path / "ours"), str(tmp_path / "back")
+  done = run("convert", "--from=meta", str(tmp_path / "meta"), ours, "--compute_dtype=float32")
+  assert done.returncode == 0, done.stderr[-2000:]
+  again = run("convert", "--from=meta", str(tmp_path / "meta"), ours)
+  assert again.returncode != 0 and "--overwrite" in again.stderr
+  sampled = run("sample", f"--checkpoint={ours}", "--prompt=Rani lives in", "--max_new_tokens=4",
+                "--temperature=0")
+  assert sampled.returncode == 0 and "output ids:" in sampled.stdout, sampled.stderr[-2000:]
+  done = run("export", "--to=hf", ours, back, "--max_shard_size=100KB")
+  assert done.returncode == 0, done.stderr[-2000:]
+  got = helpers.logits(transformers.LlamaForCausalLM.from_pretrained(back).eval(), TOKENS)
+  np.testing.assert_allclose(got, helpers.logits(hf, TOKENS), atol=1e-5, rtol=0)
+  text = "Rani lives in Dazofa with 3 cats."
+  from lm.tokenizer import Tokenizer
+  assert (transformers.AutoTokenizer.from_pretrained(back)(text).input_ids
+          == Tokenizer(tokenizer).encode(text, bos=True))
