@@ -1,11 +1,12 @@
-"""Our Orbax checkpoints, written and read one layer slab at a time.
+"""Our Orbax checkpoints, written and read one layer at a time.
 
 Orbax saves a tree of arrays that already exist; a converted model would then be whole in memory
-(on a CPU host, device memory is host memory). `StreamedArray` is a leaf that describes an array
-and produces it in slabs; its Orbax type handler writes each slab into the array's TensorStore as
-it comes, so at most one slab (one layer of one parameter) is in memory. The result is an ordinary
-checkpoint: `checkpoints.load_model` restores it straight onto any mesh's shardings, each process
-reading only its shards.
+(on a CPU host, device memory is host memory, and a 70B model does not fit the HBM of a small
+slice either). `StreamedArray` is a leaf that describes an array and produces it in pieces (one
+layer of a stacked parameter, or a whole unstacked one); its Orbax type handler writes each piece
+into the array's TensorStore in chunks of at most CHUNK_BYTES as it comes, so one piece is in
+memory at a time. The result is an ordinary checkpoint: `checkpoints.load_model` restores it
+straight onto any mesh's shardings, each process reading only its shards.
 
 `ParamReader` is the reverse: it opens the stored arrays with TensorStore and reads a layer at a
 time, so export never restores the whole model either.
