@@ -77,6 +77,30 @@ def test_meta_to_ours_to_hf(shape, mp, tmp_path, tokenizer, monkeypatch):
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["meta", "hf"])
+def test_bfloat16_sources(kind, tmp_path):
+  """Released checkpoints are bfloat16: read without a detour through float16, stored as float32."""
+  import copy
+  cfg = helpers.SHAPES["gqa"]
+  reference = helpers.hf_model(cfg)
+  with torch.no_grad():
+    for p in reference.parameters():
+      p.copy_(p.bfloat16().float())
+  # Parameters only: `.to(bfloat16)` would also round the RoPE frequency buffer.
+  hf = copy.deepcopy(reference)
+  for p in hf.parameters():
+    p.data = p.data.bfloat16()
+  if kind == "meta":
+    helpers.write_meta(hf, cfg, str(tmp_path / "src"), 2, None)
+  else:
+    helpers.write_hf(hf, str(tmp_path / "src"), None)
+  assert str(sources.open_source(kind, str(tmp_path / "src")).read("lm_head.weight").dtype) == "bfloat16"
+  convert(kind, tmp_path / "src", tmp_path / "ours")
+  assert checkpoints.read_model_info(tmp_path / "ours")[0].param_dtype == "float32"
+  got, _ = exported_logits(tmp_path / "ours", tmp_path)
+  np.testing.assert_allclose(got, helpers.logits(reference, TOKENS), atol=1e-5, rtol=0)
+
+
 def test_rms_eps_trap_is_kept_and_flagged(tmp_path):
   """A config.json with rms_norm_eps 1e-6 (the shipped Llama-2-hf value, LLAMA2.md §1.5): the
   converter keeps the file's value, warns, and the wrong eps is far outside the parity tolerance,

@@ -224,7 +224,7 @@ def load_pth(path: str) -> dict[str, Any]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError("reading Meta .pth checkpoints needs PyTorch: pip install torch") from e
+    raise ImportError("reading Meta .pth checkpoints needs PyTorch: pip install -e \".[convert]\"") from e
   import pickle
   try:
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
