@@ -2,8 +2,9 @@
 
 The output is what every stage writes: model.json, tokenizer.model and an Orbax checkpoint at
 step 0, so it works as `init_from` and with `lm sample --checkpoint`. Each of our parameters is
-written layer by layer from the source tensor that feeds it (lm/interop/streaming.py), so the
-host holds one source tensor and its converted copy at a time.
+written layer by layer from the source tensor that feeds it (lm/interop/streaming.py); the
+layout change is a view of that tensor, copied out a storage chunk at a time, so the host holds
+about one source tensor at a time.
 """
 
 from __future__ import annotations
