@@ -17,6 +17,8 @@ VERBS = {
     "aot": "compile an experiment's train step for a TPU slice and report per-chip memory",
     "chat": "talk to a chat model in the Llama 2 format, streaming replies",
     "sample": "generate from a checkpoint or a random model of a preset",
+    "convert": "import a Meta or Hugging Face Llama checkpoint as a model directory",
+    "export": "write a model directory as a Hugging Face Llama checkpoint",
 }
 
 
