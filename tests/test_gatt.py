@@ -85,12 +85,12 @@ def test_adherence_by_turn_counts_only_the_turns_that_test_the_instruction():
 def test_batched_conversations_equal_one_chat_session_each(tk):
   """Padding, bucketing and turn bookkeeping change nothing: greedy replies match ChatSession."""
   graphdef, params = model.create(CFG, seed=3)
+  # Turn 1: two prompts of different lengths (left padding); turn 2: one prompt in a padded batch.
   conversations = [
-      adherence.Conversation(("Where does Mira live?", "Style?", "And Oskar?"), system="Be brief."),
-      adherence.Conversation(("Hello?",), appended="Style: capitals."),
-      adherence.Conversation(("Where?", "Why?"), appended="Figure: Captain Vo."),
+      adherence.Conversation(("Where does Mira live?", "And Oskar?"), system="Be brief."),
+      adherence.Conversation(("Hello?",), appended="Figure: Captain Vo."),
   ]
-  cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=8, eos_id=tk.eos_id)
+  cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=6, eos_id=tk.eos_id)
   import jax
   replies = adherence.converse(graphdef, CFG, params, tk, conversations, cfg, jax.random.key(0),
                                batch_size=2, length_bucket=16)
