@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import chat as chat_data
-from data_pipelines.text import DataError
+from data_pipelines.text import BadRows, DataError
 from lm import tokenizer as tok
 
 
@@ -70,10 +70,10 @@ def test_too_long_is_an_error_naming_the_line_or_is_skipped_and_counted(tk, tmp_
   path = write(tmp_path, [DIALOGS[0], long, DIALOGS[2]])
   with pytest.raises(DataError, match=r"d.jsonl:2: .* longer than a row of 32"):
     chat_data.encode_examples(chat_data.read_dialogues(path), tk.encode_dialog, seq_len=32)
-  report = chat_data.PackReport()
+  bad = BadRows(skip=True)
   kept = chat_data.encode_examples(chat_data.read_dialogues(path), tk.encode_dialog, seq_len=32,
-                                   skip_too_long=True, report=report)
-  assert len(kept) == 2 and report.dropped == {"longer than seq_len": 1}
+                                   bad=bad)
+  assert len(kept) == 2 and bad.dropped == {"longer than seq_len": 1}
 
 
 @pytest.mark.parametrize("line, error", [
@@ -82,7 +82,7 @@ def test_too_long_is_an_error_naming_the_line_or_is_skipped_and_counted(tk, tmp_
     ('{"messages": [', r"d.jsonl:2: malformed JSON"),
     ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}',
      r"d.jsonl:2: message 0 \(user\): empty content"),
-    ('{"messages": [{"role": "user", "content": "only a question"}]}', r"d.jsonl:2: no assistant answer"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', r"d.jsonl:2: the dialog must end with an assistant answer"),
 ])
 def test_bad_dialogues_fail_with_file_line_and_reason(tk, tmp_path, line, error):
   path = tmp_path / "d.jsonl"

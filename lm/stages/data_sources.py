@@ -76,7 +76,7 @@ def _packed_rows(data_cfg, tokenizer_path, outputs, split) -> np.ndarray:
     raise ValueError(f"data.source={data_cfg.source!r} is text and needs a tokenizer "
                      "(the stage's `tokenizer`: an earlier stage or a tokenizer.model path)")
   tokenizer = Tokenizer(tokenizer_path)
-  documents = text.read_documents(path)
+  documents = text.read_documents(path, text.BadRows(data_cfg.get("skip_bad_rows", False)))
   return text.pack_documents(text.tokenize_all(documents, tokenizer.encode), data_cfg.seq_len,
                              tokenizer.bos_id, tokenizer.eos_id)
 
