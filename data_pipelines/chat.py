@@ -65,12 +65,13 @@ def read_dialogues(source: str, bad: BadRows | None = None) -> list[tuple[str, l
   return dialogues
 
 
-def fits(where: str, length: int, seq_len: int, bad: BadRows) -> bool:
-  """Whether an example of `length` tokens fits a row (inputs and targets shift by one)."""
-  if length - 1 <= seq_len:
+def fits(where: str, positions: int, seq_len: int, bad: BadRows) -> bool:
+  """Whether an example needing `positions` row positions fits a row of `seq_len`."""
+  if positions <= seq_len:
     return True
   bad(where, "longer than seq_len",
-      f"{length} tokens, longer than a row of {seq_len} + 1 (raise seq_len, or skip such rows)")
+      f"needs {positions} positions, longer than a row of {seq_len} (raise seq_len, or skip "
+      "such rows)")
   return False
 
 
@@ -81,7 +82,8 @@ def encode_examples(dialogues, encode_dialog: EncodeDialog, seq_len: int,
   examples = []
   for where, messages in dialogues:
     encoded = encode_dialog(messages)
-    if fits(where, len(encoded.tokens), seq_len, bad):
+    # Inputs and targets are the example shifted by one: L tokens fill L - 1 positions.
+    if fits(where, len(encoded.tokens) - 1, seq_len, bad):
       examples.append((np.asarray(encoded.tokens, np.int32),
                        np.asarray(encoded.loss_mask, np.int32)))
   return examples
