@@ -145,13 +145,26 @@ def _messages(columns: dict) -> list[dict]:
           for role, content in zip(columns["role"], columns["content"])]
 
 
+def data_source(name: str, split: str, data_dir: str | None = None):
+  """The random-access source of a prepared array_record TFDS dataset (ours or the catalog's).
+  `name` may carry a config and version ("wiki/en:1.0.0"); `data_dir` is where it was
+  prepared. Nothing is downloaded."""
+  return tfds.data_source(name, split=split, data_dir=data_dir, try_gcs=False, download=False)
+
+
 def records(name: str, split: str, data_dir: str | None = None) -> grain.MapDataset:
-  """Any prepared array_record TFDS dataset (ours or the catalog's) as a grain MapDataset of
-  python dicts (text as str). `name` may carry a config and version ("wiki/en:1.0.0");
-  `data_dir` is where it was prepared. Nothing is downloaded."""
-  source = tfds.data_source(name, split=split, data_dir=data_dir, try_gcs=False,
-                            download=False)
-  return grain.MapDataset.source(source).map(_decode)
+  """A prepared dataset as a grain MapDataset of python dicts (text as str), for streaming
+  pipelines (shuffle, shard, batch with grain)."""
+  return grain.MapDataset.source(data_source(name, split, data_dir)).map(_decode)
+
+
+def _all_records(name: str, split: str, data_dir: str | None, chunk: int = 4096):
+  """Every record in order, read in chunks (a per-record grain iteration costs ~10x more when
+  the whole split is materialised for packing)."""
+  source = data_source(name, split, data_dir)
+  for start in range(0, len(source), chunk):
+    for record in source.__getitems__(list(range(start, min(start + chunk, len(source))))):
+      yield _decode(record)
 
 
 def documents(name: str, split: str, data_dir: str | None = None, field: str = "text",
@@ -160,7 +173,7 @@ def documents(name: str, split: str, data_dir: str | None = None, field: str = "
   A record without a non-empty string there goes to `bad`."""
   bad = bad if bad is not None else text.BadRows()
   docs = []
-  for index, record in enumerate(records(name, split, data_dir)):
+  for index, record in enumerate(_all_records(name, split, data_dir)):
     where = record.get("where") or f"{name}/{split}[{index}]"
     value = record.get(field)
     if not isinstance(value, str):
@@ -174,7 +187,7 @@ def documents(name: str, split: str, data_dir: str | None = None, field: str = "
 
 def dialogues(name: str, split: str, data_dir: str | None = None) -> list[tuple[str, list[dict]]]:
   """[(where, messages)] of a dialogues dataset, as chat.read_dialogues gives them."""
-  return [(r["where"], _messages(r["messages"])) for r in records(name, split, data_dir)]
+  return [(r["where"], _messages(r["messages"])) for r in _all_records(name, split, data_dir)]
 
 
 def _flag(label: int) -> bool | None:
@@ -186,11 +199,11 @@ def pairs(name: str, split: str, data_dir: str | None = None) -> list[preference
   return [preferences.Pair(r["where"], tuple(_messages(r["messages"])), r["chosen"], r["rejected"],
                            r["rating"], _flag(r["chosen_safe"]), _flag(r["rejected_safe"]),
                            bool(r["is_safety"]))
-          for r in records(name, split, data_dir)]
+          for r in _all_records(name, split, data_dir)]
 
 
 def prompts(name: str, split: str, data_dir: str | None = None) -> list[preferences.Prompt]:
   """The prompts of a prompts dataset, as preferences.read_prompts gives them."""
   return [preferences.Prompt(r["where"], tuple(_messages(r["messages"])), bool(r["is_safety"]),
                              r["category"], r["answer"])
-          for r in records(name, split, data_dir)]
+          for r in _all_records(name, split, data_dir)]
