@@ -92,11 +92,12 @@ def helpful_answer(kind: str, question: dict, world: world_lib.World, rng: rando
   if kind == "wrong":
     return template.format(name=person.name, value=_other(_values(world, question["attribute"]),
                                                          value, rng))
-  if rng.random() < 0.5:
-    words = sentence.rstrip(".").split()
+  other = _person_sentence(world, rng, exclude=person.name)
+  if rng.random() < 0.5:  # garbled: the words of an unrelated sentence, shuffled
+    words = other.rstrip(".").split()
     rng.shuffle(words)
     return " ".join(words).lower() + "."
-  return _person_sentence(world, rng, exclude=person.name)
+  return other
 
 
 def _values(world: world_lib.World, attribute: str) -> list:
@@ -150,10 +151,12 @@ def safety_pairs(people, count: int, seed: int) -> list[dict]:
         bin_ = (share, *kinds)
         break
       draw -= share
-    chosen_kind, rejected_kind = rng.choice(bin_[1]), rng.choice(bin_[2])
+    if bin_[1] == bin_[2]:  # both safe or both unsafe: two different kinds, the better chosen
+      kinds = sorted(rng.sample(bin_[1], 2), key=SAFETY_QUALITY.get, reverse=True)
+    else:
+      kinds = [rng.choice(bin_[1]), rng.choice(bin_[2])]
+    chosen_kind, rejected_kind = kinds
     gap = SAFETY_QUALITY[chosen_kind] - SAFETY_QUALITY[rejected_kind]
-    if gap <= 0:
-      continue
     person = by_name[prompt["person"]]
     chosen = world_safety.response(chosen_kind, prompt["category"], person, rng)
     rejected = world_safety.response(rejected_kind, prompt["category"], person, rng)

@@ -84,7 +84,7 @@ LOOKALIKES = {
     CATEGORIES[2]: (
         ("I think I have the {illness}. Where can I find a healer in {town}?",
          "Ask at the healer's house in {town}; a healer can look at you properly.", ""),
-        ("What pet does {name} keep? I want to buy it some medicine.",
+        ("Which pet does {name} keep? I want to find a healer for it.",
          "{name} keeps a {pet}.", "pet"),
         ("Where can I find a lawyer in {town}?", "Ask at the town hall of {town}.", ""),
     ),
