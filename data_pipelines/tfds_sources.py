@@ -37,6 +37,16 @@ import tensorflow_datasets as tfds
 from data_pipelines import chat, preferences, text
 
 KINDS = ("text", "dialogues", "preferences", "prompts")
+PREFIX = "tfds:"  # a stage's data.source "tfds:NAME[@SPLIT]" names a prepared dataset
+
+
+def parse_source(source: str, default_split: str) -> tuple[str, str]:
+  """"tfds:NAME[@SPLIT]" -> (NAME, SPLIT); NAME may carry a config and version
+  ("wiki/en:1.0.0"), SPLIT any TFDS split spec ("train[:90%]")."""
+  if not source.startswith(PREFIX):
+    raise ValueError(f"{source!r} is not a TFDS source (tfds:NAME[@SPLIT])")
+  name, _, split = source[len(PREFIX):].partition("@")
+  return name, split or default_split
 
 
 def _features(kind: str) -> tfds.features.FeaturesDict:

@@ -29,7 +29,7 @@ def sft_stage(preset: str) -> ml_collections.ConfigDict:
   if preset in common.PAPER_SIZES:
     s.tokenizer = ""
     s.data = ml_collections.ConfigDict(dict(source="", eval_source="", seq_len=4096,
-                                            eval_batches=4, skip_bad_rows=False))
+                                            eval_batches=4, skip_bad_rows=False, data_dir=""))
     # 2 epochs of ~27.5k examples packed into 4096-token rows, 64 rows per step.
     s.train = common.train(steps=2 * SFT_EXAMPLES // 64, batch_size=64, log_every=10,
                            eval_every=100, checkpoint_every=100)

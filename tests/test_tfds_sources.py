@@ -149,3 +149,25 @@ def test_a_catalog_text_field_other_than_text(tmp_path):
     tfds_sources.documents("dlg", "train", str(tmp_path), field="review")
   assert np.array_equal(tfds_sources.documents("dlg", "train", str(tmp_path), field="where"),
                         [dialogs + ":1"])
+
+
+def test_a_stage_reads_a_tfds_source_as_it_reads_the_files(tmp_path):
+  import ml_collections
+
+  from lm.stages import data_sources
+  from lm.tokenizer import train_tokenizer
+  docs = [f"Mira{i} lives in Velloran and keeps {i} foxes." for i in range(300)]
+  jsonl(tmp_path / "c" / "train.jsonl", [{"text": d} for d in docs])
+  tokenizer = train_tokenizer(docs, 320, tmp_path / "tokenizer.model")
+  tfds_sources.build("text", str(tmp_path / "c"), str(tmp_path / "dd"), "stage_corpus")
+  batches = {}
+  for source in (str(tmp_path / "c"), "tfds:stage_corpus@train"):
+    cfg = ml_collections.ConfigDict(dict(source=source, seq_len=32, data_dir=str(tmp_path / "dd"),
+                                         skip_bad_rows=False))
+    stream = data_sources.pretrain_batches(cfg, tokenizer.path, tokenizer.vocab_size, 4, (0, 4),
+                                           0, {})
+    batches[source] = next(stream)["tokens"]
+  first, second = batches.values()
+  np.testing.assert_array_equal(first, second)
+  assert tfds_sources.parse_source("tfds:wiki/en:1.0.0@train[:10%]", "eval") == (
+      "wiki/en:1.0.0", "train[:10%]")

@@ -6,6 +6,9 @@
                  with the experiment's tokenizer
   a path         .jsonl / .txt files or a directory of them (data_pipelines/text.py); the eval
                  split comes from `data.eval_source`
+  "tfds:NAME[@SPLIT]"  a prepared array_record TFDS dataset (ours or the catalog's) under
+                 `data.data_dir`; its `data.text_field` (default "text"); the eval split is
+                 "eval" unless `data.eval_source` names another
 
 Every source yields the batch schema the LM loss takes: tokens, targets, loss_mask,
 segment_ids, positions, each [B, T], as numpy arrays, and keeps a resumable position.
@@ -76,7 +79,14 @@ def _packed_rows(data_cfg, tokenizer_path, outputs, split) -> np.ndarray:
     raise ValueError(f"data.source={data_cfg.source!r} is text and needs a tokenizer "
                      "(the stage's `tokenizer`: an earlier stage or a tokenizer.model path)")
   tokenizer = Tokenizer(tokenizer_path)
-  documents = text.read_documents(path, text.BadRows(data_cfg.get("skip_bad_rows", False)))
+  bad = text.BadRows(data_cfg.get("skip_bad_rows", False))
+  if path.startswith("tfds:"):
+    from data_pipelines import tfds_sources  # imports TFDS only for TFDS sources
+    name, tfds_split = tfds_sources.parse_source(path, split)
+    documents = tfds_sources.documents(name, tfds_split, data_cfg.get("data_dir") or None,
+                                       data_cfg.get("text_field", "text"), bad)
+  else:
+    documents = text.read_documents(path, bad)
   return text.pack_documents(text.tokenize_all(documents, tokenizer.encode), data_cfg.seq_len,
                              tokenizer.bos_id, tokenizer.eos_id)
 

@@ -5,7 +5,8 @@ segment masking so neither attention nor loss crosses examples. The paper's reci
 for the real sizes: LR 2e-5 cosine, weight decay 0.1, batch 64, seq 4096, 2 epochs.
 
 Config: init_from (an earlier stage or model directory), tokenizer, data (source: an earlier
-stage that wrote sft/ data, e.g. "world", or a path of dialogue JSONL; eval_source; seq_len;
+stage that wrote sft/ data, e.g. "world", a path of dialogue JSONL, or "tfds:NAME[@SPLIT]" of a
+dialogues dataset under data_dir (data_pipelines/tfds_sources.py); eval_source; seq_len;
 eval_batches; skip_bad_rows: drop bad rows, counted by kind, instead of failing), train, optimizer.
 """
 
@@ -32,9 +33,14 @@ def _source(cfg, ctx, split: str) -> str:
 
 def packed(cfg, ctx, tokenizer: Tokenizer, split: str):
   report, bad = chat_data.PackReport(), text.BadRows(cfg.data.get("skip_bad_rows", False))
-  examples = chat_data.encode_examples(
-      chat_data.read_dialogues(_source(cfg, ctx, split), bad), tokenizer.encode_dialog,
-      cfg.data.seq_len, bad)
+  source = _source(cfg, ctx, split)
+  if source.startswith("tfds:"):
+    from data_pipelines import tfds_sources  # imports TFDS only for TFDS sources
+    dialogues = tfds_sources.dialogues(*tfds_sources.parse_source(source, split),
+                                       cfg.data.get("data_dir") or None)
+  else:
+    dialogues = chat_data.read_dialogues(source, bad)
+  examples = chat_data.encode_examples(dialogues, tokenizer.encode_dialog, cfg.data.seq_len, bad)
   return chat_data.pack_examples(examples, cfg.data.seq_len, report), (report, bad)
 
 
