@@ -71,6 +71,10 @@ class Prompt:
   answer: str = ""
 
 
+class _Skip(Exception):
+  """A row already reported to BadRows."""
+
+
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -107,10 +111,6 @@ def _flag(where: str, row: dict, key: str, bad: BadRows, default=None):
     bad(where, "bad label", f"'{key}' must be true or false, got {value!r:.40}")
     raise _Skip
   return value
-
-
-class _Skip(Exception):
-  """A row already reported to BadRows."""
 
 
 def _hh_pair(where: str, row: dict, bad: BadRows):

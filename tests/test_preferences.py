@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import preferences as prefs
-from data_pipelines.text import BadRows, DataError
+from data_pipelines.text import BadRows, DataError, PackedBatches, PackingConfig
 from lm import tokenizer as tok
 
 Q = [{"role": "user", "content": "Where does Mira live?"}]
@@ -137,6 +137,9 @@ def test_reward_pairs_pack_whole_as_two_segments_with_reward_positions(tk, tmp_p
   assert seen == 9
   assert packed["chosen_safe"].max() == 1 and packed["chosen_safe"].min() == -1
   assert (packed["tokens"][packed["segment_ids"] == 0] == 0).all()
+  # Rows feed the same resumable, shuffled batch stream as LM rows.
+  batch = next(PackedBatches(packed, PackingConfig(seq_len=96, batch_size=2, seed=0)))
+  assert batch["tokens"].shape == (2, 96) and batch["chosen_index"].shape == (2, p)
   # The chosen dialogue is the prompt in the chat format, then the answer and its space.
   # (with the space the format puts before EOS)
   assert tk.decode(encoded[0].chosen.tolist()).endswith("[/INST] Mira lives in Velloran. ")
