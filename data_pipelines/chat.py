@@ -70,8 +70,7 @@ def fits(where: str, positions: int, seq_len: int, bad: BadRows) -> bool:
   if positions <= seq_len:
     return True
   bad(where, "longer than seq_len",
-      f"needs {positions} positions, longer than a row of {seq_len} (raise seq_len, or skip "
-      "such rows)")
+      f"needs {positions} positions, longer than a row of {seq_len} (or raise seq_len)")
   return False
 
 

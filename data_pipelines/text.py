@@ -184,6 +184,7 @@ class PackedBatches:
                .batch(cfg.batch_size, drop_remainder=True)
                .map(lambda index: _to_batch(_take(rows, np.asarray(index)[start:stop]))))
     self._iterator = iter(dataset.to_iter_dataset())
+    self.dropped: dict[str, int] = {}  # bad rows the reader skipped, by kind (BadRows.dropped)
 
   def __iter__(self):
     return self
