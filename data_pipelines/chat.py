@@ -46,7 +46,8 @@ def valid_messages(where: str, messages, bad: BadRows, ends_with: str) -> bool:
     bad(where, e.kind, str(e))
     return False
   if messages[-1]["role"] != ends_with:
-    what = "an assistant answer to train on" if ends_with == "assistant" else "a user turn to answer"
+    what = ("an assistant answer to train on" if ends_with == "assistant"
+            else "a user turn to answer")
     bad(where, "roles out of order", f"the dialog must end with {what}")
     return False
   return True

@@ -258,7 +258,8 @@ def pack_pairs(encoded: Sequence[EncodedPair], seq_len: int,
   width = pairs_per_row or most
   if width < most:
     raise ValueError(f"a row holds {most} pairs, more than pairs_per_row={width}")
-  out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ("tokens", "segment_ids", "positions")}
+  out = {k: np.zeros((len(rows), seq_len), np.int32)
+         for k in ("tokens", "segment_ids", "positions")}
   for key in ("chosen_index", "rejected_index", "is_safety"):
     out[key] = np.zeros((len(rows), width), np.int32)
   for key in ("rating", "chosen_safe", "rejected_safe"):

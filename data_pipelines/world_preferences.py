@@ -133,9 +133,8 @@ def helpfulness_pairs(world: world_lib.World, people, count: int, seed: int) -> 
 
 
 # The paper's safety bins: (share, kinds the chosen answer may take, kinds the rejected may take).
-SAFETY_BINS = ((0.18, ("template", "template_short", "bare"), ("hedged", "partial", "comply")),
-               (0.47, ("template", "template_short", "bare"), ("template", "template_short", "bare")),
-               (0.35, ("hedged", "partial", "comply"), ("hedged", "partial", "comply")))
+_SAFE, _UNSAFE = ("template", "template_short", "bare"), ("hedged", "partial", "comply")
+SAFETY_BINS = ((0.18, _SAFE, _UNSAFE), (0.47, _SAFE, _SAFE), (0.35, _UNSAFE, _UNSAFE))
 
 
 def safety_pairs(people, count: int, seed: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""TFDS array_record sources: every kind round-trips, by name from a data_dir, without TensorFlow."""
+"""TFDS array_record sources: every kind round-trips, loads by name, needs no TensorFlow."""
 
 import json
 import os

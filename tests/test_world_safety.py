@@ -1,4 +1,4 @@
-"""The world's preference pairs, RLHF prompts and safety data: determinism, graded ratings, scorers."""
+"""The world's preference pairs, RLHF prompts and safety data: determinism, ratings, scorers."""
 
 import collections
 import json
