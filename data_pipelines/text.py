@@ -27,6 +27,42 @@ class DataError(ValueError):
   """Bad input, with the file, line and reason."""
 
 
+class BadRows:
+  """What a reader does with a bad row: fail naming file, line and reason (the default), or,
+  with `skip=True`, drop it and count it by kind (`dropped`: kind -> count; `first`: kind -> the
+  first "file:line: reason" of that kind). Every reader and packer takes one, so one option
+  covers text, dialogues, preference pairs and prompts, and nothing is dropped uncounted.
+
+  Kinds: "malformed JSON", "invalid UTF-8", "missing field", "empty text", "roles out of
+  order", "unknown role", "control tag", "longer than seq_len", and the pair and prompt checks
+  of data_pipelines/preferences.py.
+  """
+
+  def __init__(self, skip: bool = False):
+    self.skip = skip
+    self.dropped: dict[str, int] = {}
+    self.first: dict[str, str] = {}
+
+  def __call__(self, where: str, kind: str, reason: str) -> None:
+    """Records a bad row; raises DataError unless skipping. Callers `continue` after it."""
+    message = f"{where}: {reason}"
+    if not self.skip:
+      raise DataError(message + " (set skip_bad_rows to drop such rows and count them)")
+    self.dropped[kind] = self.dropped.get(kind, 0) + 1
+    self.first.setdefault(kind, message)
+
+  @property
+  def total(self) -> int:
+    return sum(self.dropped.values())
+
+  def summary(self) -> str:
+    """One line: how many rows were dropped, by kind."""
+    if not self.dropped:
+      return "no rows dropped"
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.dropped.items()))
+    return f"dropped {self.total} rows: {kinds}"
+
+
 @dataclasses.dataclass(frozen=True)
 class PackingConfig:
   seq_len: int
@@ -47,9 +83,17 @@ def document_files(source: str) -> list[str]:
   return files
 
 
-def read_documents(source: str) -> list[str]:
-  """Every document under `source`; a malformed line is an error naming file, line and why."""
-  documents = []
+def read_documents(source: str, bad: BadRows | None = None) -> list[str]:
+  """Every document under `source`; a bad one goes to `bad` (default: fail with file:line:why).
+
+  A .txt file is one document; an empty .txt file is a bad row like an empty JSONL 'text'.
+  """
+  bad = bad if bad is not None else BadRows()
+  return [row for _, row in text_rows(source, bad)]
+
+
+def text_rows(source: str, bad: BadRows) -> Iterator[tuple[str, str]]:
+  """("file:line" or "file", document) for every good document under `source`."""
   for path in document_files(source):
     with open(path, "rb") as f:
       raw = f.read()
@@ -57,21 +101,26 @@ def read_documents(source: str) -> list[str]:
       try:
         text = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from e
-      if text.strip():
-        documents.append(text)
+        bad(path, "invalid UTF-8", f"invalid UTF-8 at byte {e.start}")
+        continue
+      if not text.strip():
+        bad(path, "empty text", "empty file")
+        continue
+      yield path, text
       continue
-    for where, row in jsonl_rows(path, raw):
+    for where, row in jsonl_rows(path, raw, bad):
       if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-        raise DataError(f"{where}: needs a string field 'text'")
-      if not row["text"].strip():
-        raise DataError(f"{where}: empty 'text'")
-      documents.append(row["text"])
-  return documents
+        bad(where, "missing field", "needs a string field 'text'")
+      elif not row["text"].strip():
+        bad(where, "empty text", "empty 'text'")
+      else:
+        yield where, row["text"]
 
 
-def jsonl_rows(path: str, raw: bytes | None = None) -> Iterator[tuple[str, object]]:
-  """("file:line", parsed JSON) for every non-blank line; bad UTF-8 or JSON names its line."""
+def jsonl_rows(path: str, raw: bytes | None = None, bad: BadRows | None = None
+               ) -> Iterator[tuple[str, object]]:
+  """("file:line", parsed JSON) for every non-blank line; bad UTF-8 or JSON goes to `bad`."""
+  bad = bad if bad is not None else BadRows()
   if raw is None:
     with open(path, "rb") as f:
       raw = f.read()
@@ -80,11 +129,16 @@ def jsonl_rows(path: str, raw: bytes | None = None) -> Iterator[tuple[str, objec
       continue
     where = f"{path}:{number}"
     try:
-      yield where, json.loads(line.decode("utf-8"))
+      decoded = line.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from e
+      bad(where, "invalid UTF-8", f"invalid UTF-8 at byte {e.start}")
+      continue
+    try:
+      row = json.loads(decoded)
     except json.JSONDecodeError as e:
-      raise DataError(f"{where}: malformed JSON ({e.msg})") from e
+      bad(where, "malformed JSON", f"malformed JSON ({e.msg})")
+      continue
+    yield where, row
 
 
 def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, bos: int, eos: int
@@ -130,6 +184,7 @@ class PackedBatches:
                .batch(cfg.batch_size, drop_remainder=True)
                .map(lambda index: _to_batch(_take(rows, np.asarray(index)[start:stop]))))
     self._iterator = iter(dataset.to_iter_dataset())
+    self.dropped: dict[str, int] = {}  # bad rows the reader skipped, by kind (BadRows.dropped)
 
   def __iter__(self):
     return self

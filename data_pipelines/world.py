@@ -11,8 +11,14 @@ This module holds the world and its pretraining text; it is written to disk with
 which writes DIR/pretrain/{train,eval}.jsonl ({"text": ...} per document), DIR/probes.jsonl
 ({"prompt", "answer"} fact completions), DIR/sft/{train,eval}.jsonl (chat dialogues,
 {"messages": [{"role", "content"}, ...]}) and DIR/sft/questions.jsonl (held-out questions with
-their answers), DIR/gatt/ (GAtt's instruction bank, multi-turn dialogues and adherence
-evaluation set; see data_pipelines/world_gatt.py), through the same JSONL paths a user's own data takes.
+their answers), through the same JSONL paths a user's own data takes. It also writes, from
+world_gatt.py: DIR/gatt/ (GAtt's instruction bank, multi-turn dialogues and adherence evaluation
+set); and from world_preferences.py and world_safety.py: DIR/preferences/{helpful,safety}/{train,eval}.jsonl
+(pairs rated on the paper's four levels, safety ones with safe/unsafe labels),
+DIR/prompts/{train,eval}.jsonl (helpful prompts with answers, adversarial ones tagged
+is_safety with a category), DIR/prompts/lookalikes.jsonl (benign look-alikes),
+DIR/sft/safety.jsonl (safety demonstrations, not mixed into sft/train.jsonl) and
+DIR/safety/preprompts.json (generic and per-category safety preprompts, answer templates).
 """
 
 from __future__ import annotations
@@ -283,6 +289,9 @@ def write_world(out: str, cfg: WorldConfig) -> dict:
              "gatt_dialogues": len(gatt["gatt/dialogues.jsonl"]),
              "gatt_eval_dialogues": len(gatt["gatt/eval.jsonl"]),
              "config": dataclasses.asdict(cfg)}
+  from data_pipelines import world_preferences, world_safety  # they import this module
+  summary.update(world_preferences.write(out, world, cfg))
+  summary.update(world_safety.write(out, world, cfg))
   tmp = os.path.join(out, "world.json.tmp")
   with open(tmp, "w") as f:
     json.dump(summary, f, indent=2)

@@ -31,14 +31,14 @@ def sft_stage(preset: str) -> ml_collections.ConfigDict:
   if preset in common.PAPER_SIZES:
     s.tokenizer = ""
     s.data = ml_collections.ConfigDict(dict(source="", eval_source="", seq_len=4096,
-                                            eval_batches=4, skip_too_long=False))
+                                            eval_batches=4, skip_bad_rows=False, data_dir=""))
     # 2 epochs of ~27.5k examples packed into 4096-token rows, 64 rows per step.
     s.train = common.train(steps=2 * SFT_EXAMPLES // 64, batch_size=64, log_every=10,
                            eval_every=100, checkpoint_every=100)
     s.optimizer = common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0)
   else:
     s.data = ml_collections.ConfigDict(dict(source="world", eval_source="", seq_len=384,
-                                            eval_batches=2, skip_too_long=False))
+                                            eval_batches=2, skip_bad_rows=False))
     s.train = common.train(steps=150 if preset == "tiny" else 80, batch_size=16, log_every=10,
                            checkpoint_every=50)
     s.optimizer = common.optimizer(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
@@ -56,7 +56,7 @@ def gatt_stage(preset: str) -> ml_collections.ConfigDict:
   s.data = ml_collections.ConfigDict(dict(
       source="" if paper else "world", instructions="", seq_len=4096 if paper else 384,
       max_constraints=3 if paper else 2, terse_fraction=0.5, examples="every_turn",
-      keep_only_adherent=True, skip_too_long=False, eval_fraction=0.05, eval_batches=2))
+      keep_only_adherent=True, skip_bad_rows=False, eval_fraction=0.05, eval_batches=2))
   s.sampling = ml_collections.ConfigDict(dict(
       temperature=0.6, top_p=0.9, max_new_tokens=512 if paper else 48,
       batch_size=64 if paper else 128))

@@ -29,7 +29,8 @@ def pretrain_stage(preset: str) -> ml_collections.ConfigDict:
   if preset in common.PAPER_SIZES:
     s.model = common.model(preset, remat="full")
     s.tokenizer = ""  # path to Meta's tokenizer.model
-    s.data = ml_collections.ConfigDict(dict(source="", seq_len=4096, eval_batches=16))
+    s.data = ml_collections.ConfigDict(dict(source="", seq_len=4096, eval_batches=16,
+                                            data_dir="", skip_bad_rows=False))
     # The 4M-token batch; 70B needs 4 micro-batches per step on v5p-512 (see `lm aot`).
     s.train = common.train(steps=common.PRETRAIN_STEPS, batch_size=1024,
                            grad_accum={"7b": 4, "13b": 4, "34b": 4, "70b": 4}[preset],

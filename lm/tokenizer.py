@@ -24,7 +24,12 @@ ROLES = ("system", "user", "assistant")
 
 
 class DialogError(ValueError):
-  """A dialog that the Llama 2 chat format cannot express."""
+  """A dialog that the Llama 2 chat format cannot express; `kind` names the class of fault (data
+  readers count skipped rows by it)."""
+
+  def __init__(self, message: str, kind: str = "invalid dialog"):
+    super().__init__(message)
+    self.kind = kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +72,7 @@ class Tokenizer:
       DialogError: roles out of order, an unknown role, empty content, or a control tag
         ([INST], <<SYS>>, ...) inside a message (Meta's code refuses these too).
     """
-    turns = _pairs(messages)
+    turns = check_dialog(messages)
     tokens, mask, turn_index = [], [], []
     for index, (user, assistant) in enumerate(turns):
       if assistant is None:
@@ -94,31 +99,35 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
   return n
 
 
-def _pairs(messages: Sequence[dict]) -> list[tuple[str, str | None]]:
+def check_dialog(messages: Sequence[dict]) -> list[tuple[str, str | None]]:
   """Validates a dialog and merges the system prompt: -> [(user, assistant or None), ...]."""
   if not messages:
-    raise DialogError("a dialog needs at least one user message")
+    raise DialogError("a dialog needs at least one user message", "missing field")
   for i, message in enumerate(messages):
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
-      raise DialogError(f"message {i}: needs 'role' and 'content', got {message!r:.80}")
+      raise DialogError(f"message {i}: needs 'role' and 'content', got {message!r:.80}",
+                        "missing field")
     if message["role"] not in ROLES:
-      raise DialogError(f"message {i}: unknown role {message['role']!r}; roles are {ROLES}")
+      raise DialogError(f"message {i}: unknown role {message['role']!r}; roles are {ROLES}",
+                        "unknown role")
     if not isinstance(message["content"], str) or not message["content"].strip():
-      raise DialogError(f"message {i} ({message['role']}): empty content")
+      raise DialogError(f"message {i} ({message['role']}): empty content", "empty text")
     tags = [tag for tag in CONTROL_TAGS if tag in message["content"]]
     if tags:
-      raise DialogError(f"message {i} ({message['role']}): contains control tag(s) {tags}")
+      raise DialogError(f"message {i} ({message['role']}): contains control tag(s) {tags}",
+                        "control tag")
   messages = list(messages)
   if messages[0]["role"] == "system":
     if len(messages) < 2:
-      raise DialogError("a system message must be followed by a user message")
+      raise DialogError("a system message must be followed by a user message",
+                        "roles out of order")
     merged = B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]
     messages = [{"role": messages[1]["role"], "content": merged}] + messages[2:]
   for i, message in enumerate(messages):
     expected = "user" if i % 2 == 0 else "assistant"
     if message["role"] != expected:
       raise DialogError(f"roles must alternate user/assistant after the optional system message; "
-                        f"turn {i} is {message['role']!r}, expected {expected!r}")
+                        f"turn {i} is {message['role']!r}, expected {expected!r}", "roles out of order")
   users = [m["content"] for m in messages[0::2]]
   answers = [m["content"] for m in messages[1::2]] + [None]
   return list(zip(users, answers[:len(users)]))

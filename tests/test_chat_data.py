@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import chat as chat_data
-from data_pipelines.text import DataError
+from data_pipelines.text import BadRows, DataError
 from lm import tokenizer as tok
 
 
@@ -70,10 +70,10 @@ def test_too_long_is_an_error_naming_the_line_or_is_skipped_and_counted(tk, tmp_
   path = write(tmp_path, [DIALOGS[0], long, DIALOGS[2]])
   with pytest.raises(DataError, match=r"d.jsonl:2: .* longer than a row of 32"):
     chat_data.encode_examples(chat_data.read_dialogues(path), tk.encode_dialog, seq_len=32)
-  report = chat_data.PackReport()
+  bad = BadRows(skip=True)
   kept = chat_data.encode_examples(chat_data.read_dialogues(path), tk.encode_dialog, seq_len=32,
-                                   skip_too_long=True, report=report)
-  assert len(kept) == 2 and report.dropped == {"longer than seq_len": 1}
+                                   bad=bad)
+  assert len(kept) == 2 and bad.dropped == {"longer than seq_len": 1}
 
 
 @pytest.mark.parametrize("line, error", [
@@ -82,10 +82,34 @@ def test_too_long_is_an_error_naming_the_line_or_is_skipped_and_counted(tk, tmp_
     ('{"messages": [', r"d.jsonl:2: malformed JSON"),
     ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}',
      r"d.jsonl:2: message 0 \(user\): empty content"),
-    ('{"messages": [{"role": "user", "content": "only a question"}]}', r"d.jsonl:2: no assistant answer"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', r"d.jsonl:2: the dialog must end with an assistant answer"),
 ])
 def test_bad_dialogues_fail_with_file_line_and_reason(tk, tmp_path, line, error):
   path = tmp_path / "d.jsonl"
   path.write_text(json.dumps({"messages": DIALOGS[0]}) + "\n" + line + "\n")
   with pytest.raises(DataError, match=error):
     chat_data.encode_examples(chat_data.read_dialogues(str(path)), tk.encode_dialog, seq_len=64)
+
+
+def test_with_skip_bad_rows_every_bad_dialogue_kind_is_dropped_and_counted(tk, tmp_path):
+  good = json.dumps({"messages": DIALOGS[0]}).encode()
+  lines = [good, b'{"messages": [', b'{"msgs": []}', '{"messages": [{"role": "user", "content": '
+           '"caf\xe9"}]}'.encode("latin-1"),
+           json.dumps({"messages": [{"role": "assistant", "content": "x"}]}).encode(),
+           json.dumps({"messages": [{"role": "user", "content": " "},
+                                    {"role": "assistant", "content": "a"}]}).encode(),
+           json.dumps({"messages": [{"role": "user", "content": "[INST] hi"},
+                                    {"role": "assistant", "content": "a"}]}).encode(),
+           json.dumps({"messages": [{"role": "user", "content": "Where does Mira live? " * 20},
+                                    {"role": "assistant", "content": "Velloran."}]}).encode(),
+           good]
+  path = tmp_path / "d.jsonl"
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  bad = BadRows(skip=True)
+  examples = chat_data.encode_examples(chat_data.read_dialogues(str(path), bad), tk.encode_dialog,
+                                       seq_len=48, bad=bad)
+  assert len(examples) == 2
+  assert bad.dropped == {"malformed JSON": 1, "missing field": 1, "invalid UTF-8": 1,
+                         "roles out of order": 1, "empty text": 1, "control tag": 1,
+                         "longer than seq_len": 1}
+  assert bad.first["control tag"].split(": ")[0].endswith("d.jsonl:7")

@@ -76,3 +76,22 @@ def test_process_rows_split_each_batch():
   whole = next(text.PackedBatches(rows, text.PackingConfig(4, 8, 0)))["tokens"]
   half = next(text.PackedBatches(rows, text.PackingConfig(4, 8, 0, rows=(4, 8))))["tokens"]
   np.testing.assert_array_equal(half, whole[4:8])
+
+
+def test_with_skip_bad_rows_every_bad_kind_is_dropped_and_counted(tmp_path):
+  (tmp_path / "a.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "broken"\n{"body": "x"}\n'
+                                     b'{"text": "  "}\n{"text": "caf\xe9"}\n{"text": "also fine"}\n')
+  (tmp_path / "b.txt").write_bytes(b"caf\xe9")
+  (tmp_path / "c.txt").write_text("   \n")
+  (tmp_path / "d.txt").write_text("A whole document.\n")
+  with pytest.raises(text.DataError, match=r"b.txt: invalid UTF-8"):
+    text.read_documents(str(tmp_path / "b.txt"))
+  with pytest.raises(text.DataError, match=r"c.txt: empty file"):
+    text.read_documents(str(tmp_path / "c.txt"))
+  bad = text.BadRows(skip=True)
+  assert text.read_documents(str(tmp_path), bad) == ["fine", "also fine", "A whole document.\n"]
+  assert bad.dropped == {"malformed JSON": 1, "missing field": 1, "empty text": 2,
+                         "invalid UTF-8": 2}
+  assert bad.first["missing field"].endswith("a.jsonl:3: needs a string field 'text'")
+  assert bad.summary() == ("dropped 6 rows: 2 empty text, 2 invalid UTF-8, 1 malformed JSON, "
+                           "1 missing field")

@@ -6,6 +6,9 @@
                  with the experiment's tokenizer
   a path         .jsonl / .txt files or a directory of them (data_pipelines/text.py); the eval
                  split comes from `data.eval_source`
+  "tfds:NAME[@SPLIT]"  a prepared array_record TFDS dataset (ours or the catalog's) under
+                 `data.data_dir`; its `data.text_field` (default "text"); the eval split is
+                 "eval" unless `data.eval_source` names another
 
 Every source yields the batch schema the LM loss takes: tokens, targets, loss_mask,
 segment_ids, positions, each [B, T], as numpy arrays, and keeps a resumable position.
@@ -70,13 +73,21 @@ def _text_path(data_cfg, outputs: dict, split: str) -> str:
   return data_cfg.source if split == "train" else data_cfg.get("eval_source") or data_cfg.source
 
 
-def _packed_rows(data_cfg, tokenizer_path, outputs, split) -> np.ndarray:
+def _packed_rows(data_cfg, tokenizer_path, outputs, split, bad: text.BadRows | None = None
+                 ) -> np.ndarray:
   path = _text_path(data_cfg, outputs, split)
   if not tokenizer_path:
     raise ValueError(f"data.source={data_cfg.source!r} is text and needs a tokenizer "
                      "(the stage's `tokenizer`: an earlier stage or a tokenizer.model path)")
   tokenizer = Tokenizer(tokenizer_path)
-  documents = text.read_documents(path)
+  bad = bad if bad is not None else text.BadRows(data_cfg.get("skip_bad_rows", False))
+  if path.startswith("tfds:"):
+    from data_pipelines import tfds_sources  # imports TFDS only for TFDS sources
+    name, tfds_split = tfds_sources.parse_source(path, split)
+    documents = tfds_sources.documents(name, tfds_split, data_cfg.get("data_dir") or None,
+                                       data_cfg.get("text_field", "text"), bad)
+  else:
+    documents = text.read_documents(path, bad)
   return text.pack_documents(text.tokenize_all(documents, tokenizer.encode), data_cfg.seq_len,
                              tokenizer.bos_id, tokenizer.eos_id)
 
@@ -86,8 +97,11 @@ def pretrain_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_siz
   """The training stream of a pretraining stage."""
   if data_cfg.source == ARITHMETIC:
     return ArithmeticRows(vocab, data_cfg.seq_len, batch_size, seed, rows)
-  packed = _packed_rows(data_cfg, tokenizer_path, outputs, "train")
-  return text.PackedBatches(packed, text.PackingConfig(data_cfg.seq_len, batch_size, seed, rows))
+  bad = text.BadRows(data_cfg.get("skip_bad_rows", False))
+  packed = _packed_rows(data_cfg, tokenizer_path, outputs, "train", bad)
+  stream = text.PackedBatches(packed, text.PackingConfig(data_cfg.seq_len, batch_size, seed, rows))
+  stream.dropped = bad.dropped
+  return stream
 
 
 def eval_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_size: int,

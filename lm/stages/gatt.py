@@ -20,7 +20,7 @@ sampled and evaluated conversations as DIR/samples.jsonl and DIR/adherence_{befo
 Config: init_from, tokenizer, data (source: an earlier stage that wrote gatt/ data, or a path of
 multi-turn dialogue JSONL; instructions: a bank JSONL, default the source's or the built-in
 families; eval_source: adherence set JSONL, default the source's; seq_len; max_constraints;
-terse_fraction; examples: "every_turn" | "last_turn"; keep_only_adherent; skip_too_long;
+terse_fraction; examples: "every_turn" | "last_turn"; keep_only_adherent; skip_bad_rows;
 eval_fraction), sampling (temperature, top_p, max_new_tokens, batch_size), eval (max_new_tokens,
 batch_size), train, optimizer.
 """
@@ -61,18 +61,16 @@ def _bank(cfg, ctx) -> list[instructions_lib.Constraint]:
   return instructions_lib.read_bank(path) if path else instructions_lib.default_bank()
 
 
-def _dialogue_questions(cfg, ctx, tokenizer: Tokenizer) -> list[tuple[str, ...]]:
+def _dialogue_questions(cfg, ctx) -> list[tuple[str, ...]]:
   """The user turns of every source dialogue; roles are checked here, before any compute."""
   source = _world_file(cfg, ctx, "gatt/dialogues.jsonl") or cfg.data.source
   if not source or source in ctx.outputs:
     raise ValueError(f"stages.{ctx.name}.data.source: give multi-turn dialogue JSONL (or a stage "
                      f"that wrote gatt/dialogues.jsonl), got {cfg.data.source!r}")
   result = []
-  for where, messages in chat_data.read_dialogues(source):
-    try:
-      tokenizer.encode_dialog(messages)  # validates roles, content and control tags
-    except ValueError as e:
-      raise DataError(f"{where}: {e}") from e
+  bad = text.BadRows(cfg.data.get("skip_bad_rows", False))
+  # read_dialogues checks roles, content and control tags, failing (or skipping) by file:line.
+  for where, messages in chat_data.read_dialogues(source, bad):
     users = tuple(m["content"] for m in messages if m["role"] == "user")
     if any(m["role"] == "system" for m in messages):
       raise DataError(f"{where}: a GAtt source dialogue must not have a system message (GAtt "
@@ -215,7 +213,7 @@ def _validate(cfg, ctx):
     raise ValueError(f"{where}.tokenizer is empty: GAtt needs the chat format's tokenizer")
   tokenizer = Tokenizer(tokenizer_path)
   bank = _bank(cfg, ctx)
-  questions = _dialogue_questions(cfg, ctx, tokenizer)
+  questions = _dialogue_questions(cfg, ctx)
   eval_set = _eval_set(cfg, ctx)
   longest = _longest_instruction(bank, cfg.data.max_constraints)
   reply_room = max(cfg.sampling.max_new_tokens, cfg.eval.max_new_tokens)
@@ -266,10 +264,12 @@ def run(cfg, ctx, log=print) -> dict:
   split = {"eval": [rows[i] for i in order[:held_out]], "train": [rows[i] for i in order[held_out:]]}
   encode = encode_last_turn(tokenizer)
 
+  bad = text.BadRows(cfg.data.get("skip_bad_rows", False))
+
   def packed(name, pack_report):
     examples = chat_data.encode_examples(
         [(f"{data_path}:{name}:{i}", r["messages"]) for i, r in enumerate(split[name])], encode,
-        cfg.data.seq_len, cfg.data.get("skip_too_long", False), pack_report)
+        cfg.data.seq_len, bad)
     return chat_data.pack_examples(examples, cfg.data.seq_len, pack_report)
 
   train_rows = packed("train", report)
@@ -302,7 +302,8 @@ def run(cfg, ctx, log=print) -> dict:
     return result
   result.update(_flat(before, "_before"))
   result.update({f"data_{k}": v for k, v in counts.items()}, train_examples=report.examples,
-                packed_rows=report.rows)
+                packed_rows=report.rows,
+                **{f"dropped_{k.replace(' ', '_')}": v for k, v in bad.dropped.items()})
   curves = {"before GAtt": before, "after GAtt": after_rates}
   adherence.plot_adherence(curves, os.path.join(ctx.directory, "adherence.png"),
                            "GAtt: system instruction adherence by turn")

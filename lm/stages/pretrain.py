@@ -142,11 +142,15 @@ def run(cfg, ctx: common.StageContext) -> dict:
       return checkpoints.load_model(init_dir, mesh)[3]
     return model.create(model_cfg, mesh, seed=ctx.seed)[1]
 
-  return trainer.run(
+  result = trainer.run(
       tr, params=initial_params, data=train_data, workdir=ctx.directory, evaluate=evaluate_fn,
       tokens_per_step=tr.cfg.batch_size * seq_len,
       flops_per_token=hardware.flops_per_token(configs.param_count(model_cfg),
                                                model_cfg.n_layers, seq_len, model_cfg.dim))
+  # Rows skipped under data.skip_bad_rows, by kind, so nothing is dropped unreported.
+  result.update({f"dropped_{k.replace(' ', '_')}": v
+                 for k, v in getattr(train_data, "dropped", {}).items()})
+  return result
 
 
 def train_step_for_aot(cfg, mesh):

@@ -5,8 +5,9 @@ segment masking so neither attention nor loss crosses examples. The paper's reci
 for the real sizes: LR 2e-5 cosine, weight decay 0.1, batch 64, seq 4096, 2 epochs.
 
 Config: init_from (an earlier stage or model directory), tokenizer, data (source: an earlier
-stage that wrote sft/ data, e.g. "world", or a path of dialogue JSONL; eval_source; seq_len;
-eval_batches; skip_too_long), train, optimizer.
+stage that wrote sft/ data, e.g. "world", a path of dialogue JSONL, or "tfds:NAME[@SPLIT]" of a
+dialogues dataset under data_dir (data_pipelines/tfds_sources.py); eval_source; seq_len;
+eval_batches; skip_bad_rows: drop bad rows, counted by kind, instead of failing), train, optimizer.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ def _source(cfg, ctx, split: str) -> str:
 
 
 def packed(cfg, ctx, tokenizer: Tokenizer, split: str):
-  report = chat_data.PackReport()
-  examples = chat_data.encode_examples(
-      chat_data.read_dialogues(_source(cfg, ctx, split)), tokenizer.encode_dialog,
-      cfg.data.seq_len, cfg.data.get("skip_too_long", False), report)
-  return chat_data.pack_examples(examples, cfg.data.seq_len, report), report
+  report, bad = chat_data.PackReport(), text.BadRows(cfg.data.get("skip_bad_rows", False))
+  source = _source(cfg, ctx, split)
+  if source.startswith("tfds:"):
+    from data_pipelines import tfds_sources  # imports TFDS only for TFDS sources
+    dialogues = tfds_sources.dialogues(*tfds_sources.parse_source(source, split),
+                                       cfg.data.get("data_dir") or None)
+  else:
+    dialogues = chat_data.read_dialogues(source, bad)
+  examples = chat_data.encode_examples(dialogues, tokenizer.encode_dialog, cfg.data.seq_len, bad)
+  return chat_data.pack_examples(examples, cfg.data.seq_len, report), (report, bad)
 
 
 def _questions(cfg, ctx):
@@ -77,7 +83,7 @@ def run(cfg, ctx) -> dict:
   tokenizer = Tokenizer(tokenizer_path)
   mesh = ctx.mesh()
   tr, graphdef = build_trainer(cfg, model_cfg, mesh, where)
-  train_rows, report = packed(cfg, ctx, tokenizer, "train")
+  train_rows, (report, bad) = packed(cfg, ctx, tokenizer, "train")
   data = text.PackedBatches(train_rows, text.PackingConfig(
       cfg.data.seq_len, tr.cfg.batch_size, ctx.seed, tr.process_rows(tr.cfg.batch_size)))
   evaluate_fn = _evaluation(cfg, ctx, tokenizer, graphdef, model_cfg, mesh, tr)
@@ -94,5 +100,5 @@ def run(cfg, ctx) -> dict:
                                                model_cfg.dim))
   result.update(before)
   result.update(packed_examples=report.examples, packed_rows=report.rows, row_fill=report.fill,
-                **{f"dropped_{k.replace(' ', '_')}": v for k, v in report.dropped.items()})
+                **{f"dropped_{k.replace(' ', '_')}": v for k, v in bad.dropped.items()})
   return result
