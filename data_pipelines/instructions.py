@@ -28,10 +28,12 @@ from typing import Sequence
 from data_pipelines.text import DataError, jsonl_rows
 
 STYLES = ("capitals", "lower case")
-OPENINGS = ("Indeed", "Well", "Sure", "Listen")
-CLOSINGS = ("Farewell.", "Cheers.", "Good day.", "Thank you.")
-PERSONAS = ("Captain Vo", "Doctor Yun", "Queen Hesh", "Sailor Quib")
-HOBBIES = ("fishing", "chess", "gardening", "singing", "tennis", "painting")
+# Three or four values a family: enough that following means reading the instruction, few
+# enough for a model of a few million parameters to bind each value in minutes of training.
+OPENINGS = ("Indeed", "Well", "Listen")
+CLOSINGS = ("Farewell.", "Cheers.", "Good day.")
+PERSONAS = ("Captain Vo", "Doctor Yun", "Queen Hesh")
+HOBBIES = ("fishing", "chess", "singing", "tennis")
 
 HOBBY_QUESTIONS = ("What do you enjoy doing?", "What is your hobby?", "What do you like to do?")
 DEFAULT_HOBBY_ANSWER = "I enjoy answering questions."
@@ -190,6 +192,17 @@ def random_instruction(bank: Sequence[Constraint], rng: random.Random, max_const
   chosen = rng.sample(groups, count)
   constraints = tuple(rng.choice(by_group[g]) for g in sorted(chosen, key=groups.index))
   return Instruction(constraints, terse=rng.random() < terse_fraction)
+
+
+def with_hobby(instruction: Instruction, bank: Sequence[Constraint], rng: random.Random
+               ) -> Instruction:
+  """The instruction with a hobby from the bank added (or kept, if it has one)."""
+  if any(c.family == "hobby" for c in instruction.constraints):
+    return instruction
+  hobbies = [c for c in bank if c.family == "hobby"]
+  if not hobbies:
+    return instruction
+  return Instruction(instruction.constraints + (rng.choice(hobbies),), instruction.terse)
 
 
 def read_bank(path: str) -> list[Constraint]:

@@ -173,8 +173,8 @@ QUESTIONS = (
 # to one answer (appended to a user turn, or as the system prompt of a single-turn dialogue), so
 # keeping an instruction across turns is left for GAtt to teach.
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly and correctly.")
-INSTRUCTED_TURNS = 0.3  # share of SFT user turns carrying an instruction for that answer only
-HOBBY_TURNS = 0.1  # share of SFT user turns asking what the assistant enjoys
+INSTRUCTED_TURNS = 0.5  # share of SFT user turns carrying an instruction for that answer only
+HOBBY_TURNS = 0.2  # share of SFT user turns asking what the assistant enjoys
 
 
 def question_answer(person: Person, index: int) -> tuple[str, str, str]:
@@ -228,6 +228,10 @@ def sft_dialogues(world: World, count: int, seed: int, people: list[Person]) -> 
       question, answer = world_turn(people, rng)
       if rng.random() < INSTRUCTED_TURNS:
         instruction = instructions.random_instruction(bank, rng)
+        if instructions.is_hobby_question(question):
+          # A hobby only shows when asked about: such turns always carry one, so there are
+          # enough of them to learn from.
+          instruction = instructions.with_hobby(instruction, bank, rng)
         question, answer = f"{question} {instruction.text}", instruction.apply(question, answer)
       messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     dialogues.append({"messages": messages})

@@ -22,7 +22,7 @@ GATT_HOBBY_TURNS = 0.25
 EVAL_HOBBY_TURNS = 0.5
 
 
-def gatt_dialogues(count: int, seed: int, people: list[Person], max_turns: int = 6) -> list[dict]:
+def gatt_dialogues(count: int, seed: int, people: list[Person], max_turns: int = 8) -> list[dict]:
   """`count` dialogues of 2..max_turns turns with plain correct answers."""
   rng = random.Random(seed)
   dialogues = []

@@ -39,7 +39,7 @@ def sft_stage(preset: str) -> ml_collections.ConfigDict:
   else:
     s.data = ml_collections.ConfigDict(dict(source="world", eval_source="", seq_len=384,
                                             eval_batches=2, skip_bad_rows=False))
-    s.train = common.train(steps=150 if preset == "tiny" else 80, batch_size=16, log_every=10,
+    s.train = common.train(steps=250 if preset == "tiny" else 80, batch_size=16, log_every=10,
                            checkpoint_every=50)
     s.optimizer = common.optimizer(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
   s.model = pretrain.pretrain_stage("tiny" if preset not in common.PAPER_SIZES else preset).model
@@ -59,14 +59,14 @@ def gatt_stage(preset: str) -> ml_collections.ConfigDict:
       keep_only_adherent=True, skip_bad_rows=False, eval_fraction=0.05, eval_batches=2))
   s.sampling = ml_collections.ConfigDict(dict(
       temperature=0.6, top_p=0.9, max_new_tokens=512 if paper else 48,
-      batch_size=64 if paper else 128))
+      batch_size=64 if paper else 128, samples_per_dialogue=1 if paper else 4))
   s.eval = ml_collections.ConfigDict(dict(source="", max_new_tokens=512 if paper else 48,
                                           batch_size=64))
   if paper:
     s.train = common.train(steps=500, batch_size=64, log_every=10, checkpoint_every=100)
     s.optimizer = common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0)
   else:
-    s.train = common.train(steps=120 if preset == "tiny" else 60, batch_size=16, log_every=10,
+    s.train = common.train(steps=200 if preset == "tiny" else 60, batch_size=16, log_every=10,
                            checkpoint_every=50)
     s.optimizer = common.optimizer(lr=5e-4, warmup_steps=10, final_lr_fraction=0.1)
   return s

@@ -152,3 +152,15 @@ def test_a_system_prompt_over_the_sequence_budget_fails_before_compute(stage):
   (data / "instructions.jsonl").write_text(json.dumps(long_persona) + "\n")
   with pytest.raises(ValueError, match=r"stages.gatt.data: the system prompt .* over the budget"):
     gatt.run(cfg, ctx)
+
+
+def test_several_samples_of_a_dialogue_give_one_example_per_turn_from_the_first_that_obeys():
+  instruction = ins.Instruction((ins.Constraint("style", "capitals"),))
+  questions = ("Where does Mira live?", "How old is Mira?")
+  first = [_reply("Mira lives in Velloran."), _reply("MIRA IS 40.")]
+  second = [_reply("MIRA LIVES IN VELLORAN."), _reply("MIRA IS FORTY.")]
+  rows, counts = gatt.training_rows([instruction] * 2, [questions] * 2, [first, second],
+                                    every_turn=True, keep_only_adherent=True, groups=[0, 0])
+  answers = [r["messages"][-1]["content"] for r in rows]
+  assert answers == ["MIRA IS 40.", "MIRA LIVES IN VELLORAN."]
+  assert counts["kept"] == 2 and counts["dropped_not_adherent"] == 1

@@ -138,5 +138,5 @@ def test_gatt_eval_set_is_deterministic_and_tests_every_family():
   hobby_rows = [r for r in rows if any(c["family"] == "hobby" for c in r["instruction"]["constraints"])]
   assert all(any(ins.is_hobby_question(q) for q in r["questions"]) for r in hobby_rows[:5])
   dialogues = a["gatt/dialogues.jsonl"]
-  assert all(2 <= len(d["messages"]) // 2 <= 6 for d in dialogues)
+  assert all(2 <= len(d["messages"]) // 2 <= 8 for d in dialogues)
   assert all(m["role"] != "system" for d in dialogues for m in d["messages"])

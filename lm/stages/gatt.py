@@ -21,7 +21,7 @@ Config: init_from, tokenizer, data (source: an earlier stage that wrote gatt/ da
 multi-turn dialogue JSONL; instructions: a bank JSONL, default the source's or the built-in
 families; eval_source: adherence set JSONL, default the source's; seq_len; max_constraints;
 terse_fraction; examples: "every_turn" | "last_turn"; keep_only_adherent; skip_bad_rows;
-eval_fraction), sampling (temperature, top_p, max_new_tokens, batch_size), eval (max_new_tokens,
+eval_fraction), sampling (temperature, top_p, max_new_tokens, batch_size, samples_per_dialogue), eval (max_new_tokens,
 batch_size), train, optimizer.
 """
 
@@ -112,18 +112,24 @@ def encode_last_turn(tokenizer: Tokenizer):
   return encode
 
 
-def training_rows(instructions, questions, replies, every_turn: bool, keep_only_adherent: bool
-                  ) -> tuple[list[dict], dict]:
+def training_rows(instructions, questions, replies, every_turn: bool, keep_only_adherent: bool,
+                  groups=None) -> tuple[list[dict], dict]:
   """GAtt training dialogues: the instruction as the system message only, plain user turns.
 
+  `groups[i]` names the source dialogue of conversation i when each was sampled several times;
+  a (group, turn) then gives at most one example, from the first sample that qualifies.
   Returns (rows {"messages", "instruction"}, counts of sampled, kept and dropped turns).
   """
   rows, counts = [], {"sampled_turns": 0, "kept": 0, "dropped_unfinished": 0,
                       "dropped_not_adherent": 0}
-  for instruction, users, reply in zip(instructions, questions, replies):
+  groups = range(len(replies)) if groups is None else groups
+  taken = set()
+  for instruction, users, reply, group in zip(instructions, questions, replies, groups):
     turns = range(len(reply)) if every_turn else [len(reply) - 1]
     counts["sampled_turns"] += len(reply)
     for t in turns:
+      if (group, t) in taken:
+        continue
       if not reply[t].finished or not reply[t].text:
         counts["dropped_unfinished"] += 1
         continue
@@ -134,6 +140,7 @@ def training_rows(instructions, questions, replies, every_turn: bool, keep_only_
       for u, r in zip(users[:t + 1], reply[:t + 1]):
         messages += [{"role": "user", "content": u}, {"role": "assistant", "content": r.text or "..."}]
       rows.append({"messages": messages, "instruction": instruction.to_json()})
+      taken.add((group, t))
       counts["kept"] += 1
   return rows, counts
 
@@ -155,6 +162,12 @@ def generate_dataset(cfg, ctx, tokenizer, graphdef, model_cfg, params, mesh, ban
   rng = random.Random(ctx.seed)
   drawn = [instructions_lib.random_instruction(bank, rng, cfg.data.max_constraints,
                                                cfg.data.terse_fraction) for _ in questions]
+  # Several independent samples of each dialogue, the first that obeys kept per turn: rejection
+  # sampling, which the paper likens GAtt's sampling to without giving a count [U].
+  copies = cfg.sampling.get("samples_per_dialogue", 1)
+  groups = [g for g in range(len(questions)) for _ in range(copies)]
+  drawn = [drawn[g] for g in groups]
+  questions = [questions[g] for g in groups]
   conversations = [adherence.Conversation(users, appended=i.text)
                    for i, users in zip(drawn, questions)]
   replies = adherence.converse(graphdef, model_cfg, params, tokenizer, conversations,
@@ -163,8 +176,8 @@ def generate_dataset(cfg, ctx, tokenizer, graphdef, model_cfg, params, mesh, ban
   adherence.save_transcripts(os.path.join(ctx.directory, "samples.jsonl"), drawn, conversations,
                              replies)
   sampled_rates = adherence.adherence_by_turn(drawn, conversations, replies)
-  rows, counts = training_rows(drawn, questions, replies,
-                               cfg.data.examples == "every_turn", cfg.data.keep_only_adherent)
+  rows, counts = training_rows(drawn, questions, replies, cfg.data.examples == "every_turn",
+                               cfg.data.keep_only_adherent, groups)
   tested = [r for r in sampled_rates if r is not None]
   counts["adherence_while_sampling"] = float(np.mean(tested)) if tested else 0.0
   return rows, counts
@@ -264,7 +277,8 @@ def run(cfg, ctx, log=print) -> dict:
   split = {"eval": [rows[i] for i in order[:held_out]], "train": [rows[i] for i in order[held_out:]]}
   encode = encode_last_turn(tokenizer)
 
-  bad = text.BadRows(cfg.data.get("skip_bad_rows", False))
+  # Generated examples, not a user's rows: one longer than a row is dropped and counted.
+  bad = text.BadRows(skip=True)
 
   def packed(name, pack_report):
     examples = chat_data.encode_examples(
