@@ -26,11 +26,17 @@ def plot_curve(rows: list[dict], path: str, title: str) -> bool:
   ax.set_ylabel("loss")
   ax.set_title(title)
   ax.legend()
+  save_png(fig, path)
+  return True
+
+
+def save_png(fig, path: str) -> None:
+  """Writes a matplotlib figure atomically and closes it."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   fig.savefig(path + ".tmp.png", dpi=100)
   plt.close(fig)
   os.replace(path + ".tmp.png", path)
-  return True
 
 
 def _format(value) -> str:

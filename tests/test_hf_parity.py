@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from lm import configs, convert, model, sampling  # noqa: E402
+from convert_helpers import hf_model  # noqa: E402  (tests/ is on sys.path)
 
 SHAPES = {
     "mha": configs.ModelConfig(vocab_size=320, dim=64, n_layers=3, n_heads=4, ffn_dim=160,
@@ -16,24 +17,6 @@ SHAPES = {
     "gqa": configs.ModelConfig(vocab_size=320, dim=64, n_layers=3, n_heads=8, n_kv_heads=2,
                                ffn_dim=160, max_seq_len=64, compute_dtype="float32", remat="none"),
 }
-
-
-def hf_model(cfg: configs.ModelConfig, seed: int = 0):
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-      max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False,
-      attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2,
-  )
-  torch.manual_seed(seed)
-  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-  # Weights large enough that logits spread over several units (HF's 0.02 init gives near-zero
-  # logits, which would make any tolerance meaningless); norm gains away from 1.
-  with torch.no_grad():
-    for name, p in hf.named_parameters():
-      p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-  return hf
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))

@@ -129,10 +129,8 @@ def plot_adherence(curves: dict[str, list[float | None]], path: str, title: str)
   ax.set_ylim(-5, 105)
   ax.set_title(title)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=100)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
+  from lm.report import save_png  # the report module reads stages; import it only to plot
+  save_png(fig, path)
 
 
 def adherence_table(curves: dict[str, list[float | None]]) -> str:

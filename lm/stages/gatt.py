@@ -42,7 +42,7 @@ from lm import checkpoints, configs, hardware, sampling, trainer
 from lm.evals import adherence
 from lm.evals import chat as chat_evals
 from lm.stages import common
-from lm.stages.pretrain import build_trainer, make_evaluate, resolve_model, resolve_tokenizer
+from lm.stages.pretrain import build_trainer, make_evaluate, resolve_chat_start
 from lm.tokenizer import EncodedDialog, Tokenizer
 
 DATA_FILE = "gatt_data.jsonl"
@@ -218,12 +218,8 @@ def _validate(cfg, ctx):
   if cfg.data.examples not in ("every_turn", "last_turn"):
     raise ValueError(f"{where}.data.examples must be 'every_turn' or 'last_turn', "
                      f"got {cfg.data.examples!r}")
-  model_cfg, init_dir = resolve_model(cfg, ctx)
-  if init_dir is None:
-    raise ValueError(f"{where}.init_from is empty: GAtt starts from a chat (SFT or RLHF) model")
-  tokenizer_path = resolve_tokenizer(cfg, ctx)
-  if tokenizer_path is None:
-    raise ValueError(f"{where}.tokenizer is empty: GAtt needs the chat format's tokenizer")
+  model_cfg, init_dir, tokenizer_path = resolve_chat_start(cfg, ctx,
+                                                          "a chat (SFT or RLHF) model")
   tokenizer = Tokenizer(tokenizer_path)
   bank = _bank(cfg, ctx)
   questions = _dialogue_questions(cfg, ctx)

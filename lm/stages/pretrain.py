@@ -44,6 +44,18 @@ def resolve_tokenizer(cfg, ctx: common.StageContext) -> str | None:
   return reference
 
 
+def resolve_chat_start(cfg, ctx: common.StageContext, starts_from: str):
+  """(ModelConfig, init directory, tokenizer path) of a stage that fine-tunes a chat model."""
+  where = f"stages.{ctx.name}"
+  model_cfg, init_dir = resolve_model(cfg, ctx)
+  if init_dir is None:
+    raise ValueError(f"{where}.init_from is empty: this stage starts from {starts_from}")
+  tokenizer_path = resolve_tokenizer(cfg, ctx)
+  if tokenizer_path is None:
+    raise ValueError(f"{where}.tokenizer is empty: this stage needs the chat format's tokenizer")
+  return model_cfg, init_dir, tokenizer_path
+
+
 def make_loss_fn(graphdef, z_loss: float = 0.0) -> trainer.LossFn:
   """Batch {tokens, targets, loss_mask, segment_ids, positions} [B, T] -> masked next-token CE."""
 

@@ -19,7 +19,8 @@ from data_pipelines import text
 from lm import checkpoints, configs, hardware, trainer
 from lm.evals import chat as chat_evals
 from lm.stages import common
-from lm.stages.pretrain import build_trainer, make_evaluate, resolve_model, resolve_tokenizer
+from lm.stages.pretrain import (build_trainer, make_evaluate, resolve_chat_start,
+                                resolve_tokenizer)
 from lm.tokenizer import Tokenizer
 
 
@@ -74,12 +75,7 @@ def evaluate(cfg, ctx, model_dir: str) -> dict:
 
 def run(cfg, ctx) -> dict:
   where = f"stages.{ctx.name}"
-  model_cfg, init_dir = resolve_model(cfg, ctx)
-  if init_dir is None:
-    raise ValueError(f"{where}.init_from is empty: SFT starts from a pretrained model")
-  tokenizer_path = resolve_tokenizer(cfg, ctx)
-  if tokenizer_path is None:
-    raise ValueError(f"{where}.tokenizer is empty: SFT needs the chat format's tokenizer")
+  model_cfg, init_dir, tokenizer_path = resolve_chat_start(cfg, ctx, "a pretrained model")
   tokenizer = Tokenizer(tokenizer_path)
   mesh = ctx.mesh()
   tr, graphdef = build_trainer(cfg, model_cfg, mesh, where)
