@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from typing import Sequence
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 from data_pipelines.instructions import Instruction
 from data_pipelines.text import DataError, jsonl_rows
 from lm import sampling
+from lm.checkpoints import write_atomically
 from lm.tokenizer import Tokenizer
 
 
@@ -165,12 +165,11 @@ def load_eval_set(path: str) -> tuple[list[Instruction], list[Conversation]]:
 
 def save_transcripts(path: str, instructions, conversations, replies) -> None:
   """Every evaluated conversation with its replies and verdicts, for inspection (JSONL)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for instruction, conversation, reply in zip(instructions, conversations, replies):
-      turns = [{"user": q, "reply": r.text, "finished": r.finished,
-                "obeys": instruction.check(q, r.text)}
-               for q, r in zip(conversation.questions, reply)]
-      f.write(json.dumps({"instruction": instruction.text, "system": conversation.system,
-                          "appended": conversation.appended, "turns": turns}) + "\n")
-  os.replace(tmp, path)
+  lines = []
+  for instruction, conversation, reply in zip(instructions, conversations, replies):
+    turns = [{"user": q, "reply": r.text, "finished": r.finished,
+              "obeys": instruction.check(q, r.text)}
+             for q, r in zip(conversation.questions, reply)]
+    lines.append(json.dumps({"instruction": instruction.text, "system": conversation.system,
+                             "appended": conversation.appended, "turns": turns}) + "\n")
+  write_atomically(path, "".join(lines))

@@ -41,7 +41,6 @@ from data_pipelines.text import DataError
 from lm import checkpoints, configs, hardware, sampling, trainer
 from lm.evals import adherence
 from lm.evals import chat as chat_evals
-from lm.stages import common
 from lm.stages.pretrain import build_trainer, make_evaluate, resolve_chat_start
 from lm.tokenizer import EncodedDialog, Tokenizer
 
