@@ -1,6 +1,7 @@
 """Llama 2-Chat, stage by stage: tokenizer -> pretrain -> SFT -> GAtt (reward models and RLHF follow).
 
   lm run experiments/llama2_chat.py:tiny --workdir=/tmp/chat      # the embedded default, CPU
+  lm aot experiments/llama2_chat.py:70b --topology=v5p-512 --stage=gatt   # train step, sampling
   lm run experiments/llama2_chat.py:7b --workdir=gs://B/chat \\
       --config.stages.pretrain.data.source=/data/corpus \\
       --config.stages.sft.data.source=/data/sft.jsonl --config.stages.pretrain.tokenizer=/m/tokenizer.model \\
@@ -20,6 +21,12 @@ from experiments import common, pretrain
 
 PRESETS = ("tiny", "test") + common.PAPER_SIZES
 SFT_EXAMPLES = 27_540  # the paper's vendor-annotated SFT set
+
+
+def chat_model(preset: str) -> ml_collections.ConfigDict:
+  """The model section of the chat stages. At run time they fine-tune the model in their
+  init_from and ignore it; `lm aot` compiles it, so it must match the pretrained model."""
+  return pretrain.pretrain_stage("tiny" if preset not in common.PAPER_SIZES else preset).model
 
 
 def sft_stage(preset: str) -> ml_collections.ConfigDict:
@@ -42,7 +49,7 @@ def sft_stage(preset: str) -> ml_collections.ConfigDict:
     s.train = common.train(steps=250 if preset == "tiny" else 80, batch_size=16, log_every=10,
                            checkpoint_every=50)
     s.optimizer = common.optimizer(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
-  s.model = pretrain.pretrain_stage("tiny" if preset not in common.PAPER_SIZES else preset).model
+  s.model = chat_model(preset)
   return s
 
 
@@ -69,6 +76,7 @@ def gatt_stage(preset: str) -> ml_collections.ConfigDict:
     s.train = common.train(steps=200 if preset == "tiny" else 60, batch_size=16, log_every=10,
                            checkpoint_every=50)
     s.optimizer = common.optimizer(lr=5e-4, warmup_steps=10, final_lr_fraction=0.1)
+  s.model = chat_model(preset)
   return s
 
 
@@ -87,7 +95,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     vocab = 1024 if preset == "tiny" else 768
     c.stages.tokenizer.vocab_size = vocab
     c.stages.pretrain.model.vocab_size = vocab
-    c.stages.sft.model.vocab_size = vocab
+    c.stages.sft.model = c.stages.pretrain.model.copy_and_resolve_references()
+    c.stages.gatt.model = c.stages.pretrain.model.copy_and_resolve_references()
+  if preset == "70b":
+    # SFT and GAtt steps (and GAtt's sampling) take 64 rows, which the batch axes split at most
+    # 64 ways: on a 256-chip slice (v5p-512) the remaining factor of 4 goes to tensor parallelism.
+    c.mesh.tensor = 4
   if preset == "test":
     c.stages.world.size = "test"
     c.stages.pretrain.train.steps = 100

@@ -1,8 +1,9 @@
-"""Ahead-of-time compilation of a train step for a TPU slice, on any host (`lm aot`).
+"""Ahead-of-time compilation of a stage's programs for a TPU slice, on any host (`lm aot`).
 
 With libtpu installed (`pip install -e ".[tpu]"`), `jax.experimental.topologies` describes a TPU
-slice's devices without owning them; compiling the real train step against that mesh gives XLA's
-own per-chip memory and cost figures, so a 70B run's fit is known before a pod is booked.
+slice's devices without owning them; compiling the real train step (and, for a stage that samples,
+its generation program) against that mesh gives XLA's own per-chip memory and cost figures, so a
+70B run's fit is known before a pod is booked.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from lm import hardware, sharding
 
 GiB = hardware.GiB
 
+# The programs a stage module may offer for compiling: report name -> the module's builder, which
+# returns (jitted function, abstract args, rules, model FLOPs per call).
+PROGRAMS = {"train step": "train_step_for_aot", "sampling": "sampling_for_aot"}
+
 
 @dataclasses.dataclass
 class FitReport:
-  """Per-chip figures of one compiled step."""
+  """Per-chip figures of one compiled program."""
 
+  program: str  # a name of PROGRAMS
   topology: str
   chips: int
   argument_bytes: int
@@ -31,7 +37,7 @@ class FitReport:
   generated_code_bytes: int
   hbm_bytes: int
   xla_flops: float
-  model_flops: float  # 6N + attention per token, times the step's tokens, per chip
+  model_flops: float  # per chip: 6N + attention per token trained, a third of it per token sampled
 
   @property
   def total_bytes(self) -> int:
@@ -48,9 +54,9 @@ class FitReport:
             ("aliased (donated)", -self.alias_bytes), ("temporaries", self.temp_bytes),
             ("code", self.generated_code_bytes), ("total", self.total_bytes),
             ("HBM per chip", self.hbm_bytes)]
-    lines = [f"topology {self.topology}: {self.chips} chips", "per-chip memory:"]
+    lines = [f"{self.program} on topology {self.topology}: {self.chips} chips", "per-chip memory:"]
     lines += [f"  {name:<18} {value / GiB:9.2f} GiB" for name, value in rows]
-    lines.append(f"model FLOPs: {self.model_flops / 1e12:,.1f} TFLOP per chip per step")
+    lines.append(f"model FLOPs: {self.model_flops / 1e12:,.1f} TFLOP per chip per call")
     # XLA counts a loop body once, so its figure covers one layer of the scan, not the step.
     lines.append(f"XLA cost estimate: {self.xla_flops / 1e12:,.1f} TFLOP per chip "
                  "(loop bodies counted once)")
@@ -87,29 +93,30 @@ def hbm_bytes(name: str) -> int:
   return hardware.HBM_BYTES[generation]
 
 
-def compile_step(step_fn, args: tuple, mesh, rules: sharding.Rules, topology: str,
-                 model_flops_per_step: float = 0.0) -> FitReport:
-  """Lowers and compiles `step_fn` (already jitted with shardings) on abstract `args`."""
+def compile_program(program: str, fn, args: tuple, mesh, rules: sharding.Rules, topology: str,
+                    model_flops_per_call: float = 0.0) -> FitReport:
+  """Lowers and compiles `fn` (jitted; shardings on it or on the abstract `args`)."""
   with jax.set_mesh(mesh), sharding.use_rules(rules):
-    compiled = step_fn.lower(*args).compile()
+    compiled = fn.lower(*args).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return FitReport(
-      topology=topology, chips=mesh.size,
+      program=program, topology=topology, chips=mesh.size,
       argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
       generated_code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=hbm_bytes(topology),
       xla_flops=float((cost or {}).get("flops", 0.0)),
-      model_flops=model_flops_per_step / mesh.size,
+      model_flops=model_flops_per_call / mesh.size,
   )
 
 
-def fit_report(config, topology: str, stage: str | None = None) -> FitReport:
-  """Compiles one stage of an experiment config for `topology` and returns the figures."""
+def fit_reports(config, topology: str, stage: str | None = None) -> dict[str, FitReport]:
+  """Compiles every program one stage of an experiment config offers (see PROGRAMS) for
+  `topology`; returns their figures by program name, the train step first."""
   from lm.stages import stage_module
   trained = [n for n in config.pipeline
-             if hasattr(stage_module(config.stages[n].kind), "train_step_for_aot")]
+             if hasattr(stage_module(config.stages[n].kind), PROGRAMS["train step"])]
   if stage is None:
     if not trained:
       raise ValueError("the experiment has no trained stage to compile")
@@ -118,6 +125,10 @@ def fit_report(config, topology: str, stage: str | None = None) -> FitReport:
     raise ValueError(f"stage {stage!r} is not a trained stage of this experiment ({trained})")
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()), devices=devices)
-  step_fn, args, rules, flops = stage_module(config.stages[stage].kind).train_step_for_aot(
-      config.stages[stage], mesh)
-  return compile_step(step_fn, args, mesh, rules, topology, flops)
+  module = stage_module(config.stages[stage].kind)
+  reports = {}
+  for program, builder in PROGRAMS.items():
+    if hasattr(module, builder):
+      fn, args, rules, flops = getattr(module, builder)(config.stages[stage], mesh)
+      reports[program] = compile_program(program, fn, args, mesh, rules, topology, flops)
+  return reports

@@ -14,7 +14,7 @@ from absl import app
 VERBS = {
     "run": "run an experiment's stages (resumes an interrupted run)",
     "eval": "run a stage's evaluations on its output or on a model directory",
-    "aot": "compile an experiment's train step for a TPU slice and report per-chip memory",
+    "aot": "compile a stage's train step (and sampling) for a TPU slice; report per-chip memory",
     "chat": "talk to a chat model in the Llama 2 format, streaming replies",
     "sample": "generate from a checkpoint or a random model of a preset",
     "convert": "import a Meta or Hugging Face Llama checkpoint as a model directory",

@@ -156,6 +156,10 @@ def _generate(graphdef, model_cfg: ModelConfig, cfg: SamplingConfig, params, pro
   return Generation(tokens, lengths, logprobs)
 
 
+# The one program behind `generate`, for compiling ahead of time (`lm aot`): lower it with
+# (graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng).
+generate_program = _generate
+
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1, 2, 7))
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(5,))
 

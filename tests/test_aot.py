@@ -11,22 +11,43 @@ import pytest
 
 pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
 
-from experiments import pretrain  # noqa: E402
+from experiments import llama2_chat, pretrain  # noqa: E402
 from lm import aot  # noqa: E402
 
 CASES = [("7b", "v5p-128"), ("13b", "v5e-256"), ("70b", "v5p-512")]
+CHIPS = {"v5p-128": 64, "v5e-256": 256, "v5p-512": 256}
+N_PARAMS = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}
+
+
+def assert_holds(report, preset, bytes_per_param):
+  """The program's arguments are the model's (fp32) parameters, plus AdamW's two moments for a
+  train step, spread over the chips."""
+  assert report.chips == CHIPS[report.topology]
+  held = bytes_per_param * N_PARAMS[preset] / report.chips
+  assert held <= report.argument_bytes < 1.2 * held + 2**30
 
 
 @pytest.mark.parametrize("preset, topology", CASES)
 def test_paper_sizes_fit_their_slices(preset, topology):
-  report = aot.fit_report(pretrain.get_config(preset), topology)
+  report = aot.fit_reports(pretrain.get_config(preset), topology)["train step"]
   print(f"\n{preset} on {topology}\n{report.table()}")
-  assert report.chips == {"v5p-128": 64, "v5e-256": 256, "v5p-512": 256}[topology]
   assert report.fits
-  # Parameters (fp32) plus AdamW moments are 12 bytes per parameter, spread over the chips.
-  n_params = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}[preset]
-  assert report.argument_bytes >= 12 * n_params / report.chips
-  assert report.argument_bytes < 1.2 * 12 * n_params / report.chips + 2**30
+  assert_holds(report, preset, 12)
+
+
+@pytest.mark.parametrize("preset, topology, stage", [("7b", "v5p-128", "sft"),
+                                                     ("70b", "v5p-512", "gatt")])
+def test_chat_stages_fit_their_slices(preset, topology, stage):
+  """SFT compiles its train step; GAtt its train step and its sampling program (a batch of
+  prompts at the longest the budget allows, then the decode loop over the KV cache)."""
+  reports = aot.fit_reports(llama2_chat.get_config(preset), topology, stage)
+  assert list(reports) == ["train step"] + (["sampling"] if stage == "gatt" else [])
+  for report in reports.values():
+    print(f"\n{preset} {stage} on {topology}\n{report.table()}")
+    assert report.fits
+  assert_holds(reports["train step"], preset, 12)
+  if "sampling" in reports:
+    assert_holds(reports["sampling"], preset, 4)
 
 
 def test_cli_prints_the_fit_table_and_errors_are_clear():
@@ -37,6 +58,7 @@ def test_cli_prints_the_fit_table_and_errors_are_clear():
       capture_output=True, text=True, env=env, timeout=600,
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr[-2000:]
+  assert "train step on topology v5e-8: 8 chips" in result.stdout
   assert "fits: yes" in result.stdout and "temporaries" in result.stdout
   result = subprocess.run(
       [sys.executable, "-m", "lm.cli", "aot", "experiments/pretrain.py:smoke", "--topology=v9-8"],

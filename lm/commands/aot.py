@@ -1,10 +1,12 @@
-"""`lm aot EXPERIMENT --topology=SLICE [--stage=NAME]`: will this train step fit that TPU slice?
+"""`lm aot EXPERIMENT --topology=SLICE [--stage=NAME]`: will this stage fit that TPU slice?
 
   lm aot experiments/pretrain.py:70b --topology=v5p-512
+  lm aot experiments/llama2_chat.py:70b --topology=v5p-512 --stage=gatt
 
-Compiles the stage's real train step (its model, batch, remat policy, mesh and rules) for the
-slice's devices on this host (libtpu: `pip install -e ".[tpu]"`), and prints XLA's per-chip memory
-against the chip's HBM, its FLOP estimate, and `fits: yes|no`.
+Compiles the stage's real train step (its model, batch, remat policy, mesh and rules), and for a
+stage that samples (GAtt) its generation program too, for the slice's devices on this host
+(libtpu: `pip install -e ".[tpu]"`), and prints for each XLA's per-chip memory against the chip's
+HBM, its FLOP estimate, and `fits: yes|no`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def main(argv):
     raise SystemExit("usage: lm aot EXPERIMENT.py:PRESET --topology=SLICE [--stage=NAME]")
   from lm import aot
   try:
-    report = aot.fit_report(_experiment.CONFIG.value, TOPOLOGY.value, STAGE.value)
+    reports = aot.fit_reports(_experiment.CONFIG.value, TOPOLOGY.value, STAGE.value)
   except (ValueError, RuntimeError) as e:
     raise SystemExit(f"lm aot: {e}")
-  print(report.table())
+  print("\n\n".join(report.table() for report in reports.values()))

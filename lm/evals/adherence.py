@@ -52,13 +52,18 @@ class Reply:
   finished: bool  # ended with EOS within the token budget
 
 
-def _round_up(n: int, multiple: int) -> int:
+# Prompt lengths are padded up to a multiple of this, bounding recompiles.
+LENGTH_BUCKET = 64
+
+
+def padded_length(n: int, multiple: int = LENGTH_BUCKET) -> int:
+  """The prompt length `converse` compiles for when its longest prompt has n tokens."""
   return -(-n // multiple) * multiple
 
 
 def converse(graphdef, model_cfg, params, tokenizer: Tokenizer,
              conversations: Sequence[Conversation], cfg: sampling.SamplingConfig, rng: jax.Array,
-             mesh=None, batch_size: int = 64, length_bucket: int = 64,
+             mesh=None, batch_size: int = 64, length_bucket: int = LENGTH_BUCKET,
              log=lambda text: None) -> list[list[Reply]]:
   """Plays every conversation to its last turn; returns replies[conversation][turn].
 
@@ -78,7 +83,7 @@ def converse(graphdef, model_cfg, params, tokenizer: Tokenizer,
     for start in range(0, len(active), batch_size):
       chunk = prompts[start:start + batch_size]
       padded = chunk + [chunk[0]] * (batch_size - len(chunk))
-      length = _round_up(max(len(p) for p in chunk), length_bucket)
+      length = padded_length(max(len(p) for p in chunk), length_bucket)
       tokens, segment_ids = sampling.left_pad(padded, length=length)
       with context:
         out = sampling.generate(graphdef, model_cfg, params, tokens, segment_ids,

@@ -22,7 +22,8 @@ multi-turn dialogue JSONL; instructions: a bank JSONL, default the source's or t
 families; eval_source: adherence set JSONL, default the source's; seq_len; max_constraints;
 terse_fraction; examples: "every_turn" | "last_turn"; keep_only_adherent; skip_bad_rows;
 eval_fraction), sampling (temperature, top_p, max_new_tokens, batch_size, samples_per_dialogue), eval (max_new_tokens,
-batch_size), train, optimizer.
+batch_size), train, optimizer, model (read by `lm aot` only, which compiles the train step and the
+sampling program without a checkpoint: at run time the model is the one in init_from).
 """
 
 from __future__ import annotations
@@ -32,16 +33,20 @@ import os
 import random
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import chat as chat_data
 from data_pipelines import instructions as instructions_lib
 from data_pipelines import text
 from data_pipelines.text import DataError
-from lm import checkpoints, configs, hardware, sampling, trainer
+from lm import checkpoints, configs, hardware, model, sampling, sharding, trainer
 from lm.evals import adherence
 from lm.evals import chat as chat_evals
+from lm.stages import common
 from lm.stages.pretrain import build_trainer, make_evaluate, resolve_chat_start
+# GAtt trains with the pretraining step on packed chat rows, so `lm aot` compiles it the same way.
+from lm.stages.pretrain import train_step_for_aot  # noqa: F401
 from lm.tokenizer import EncodedDialog, Tokenizer
 
 DATA_FILE = "gatt_data.jsonl"
@@ -148,11 +153,10 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
   checkpoints.write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _sampling_cfg(section, tokenizer, greedy: bool = False) -> sampling.SamplingConfig:
+def _sampling_cfg(section, eos_id: int, greedy: bool = False) -> sampling.SamplingConfig:
   return sampling.SamplingConfig(
       temperature=0.0 if greedy else section.get("temperature", 0.6),
-      top_p=section.get("top_p", 0.9), max_new_tokens=section.max_new_tokens,
-      eos_id=tokenizer.eos_id)
+      top_p=section.get("top_p", 0.9), max_new_tokens=section.max_new_tokens, eos_id=eos_id)
 
 
 def generate_dataset(cfg, ctx, tokenizer, graphdef, model_cfg, params, mesh, bank, questions,
@@ -170,7 +174,8 @@ def generate_dataset(cfg, ctx, tokenizer, graphdef, model_cfg, params, mesh, ban
   conversations = [adherence.Conversation(users, appended=i.text)
                    for i, users in zip(drawn, questions)]
   replies = adherence.converse(graphdef, model_cfg, params, tokenizer, conversations,
-                               _sampling_cfg(cfg.sampling, tokenizer), jax.random.key(ctx.seed),
+                               _sampling_cfg(cfg.sampling, tokenizer.eos_id),
+                               jax.random.key(ctx.seed),
                                mesh, cfg.sampling.batch_size, log=lambda m: log(f"  sampling {m}"))
   adherence.save_transcripts(os.path.join(ctx.directory, "samples.jsonl"), drawn, conversations,
                              replies)
@@ -186,7 +191,8 @@ def measure_adherence(cfg, tokenizer, graphdef, model_cfg, params, mesh, eval_se
                       ) -> list[float | None]:
   instructions, conversations = eval_set
   replies = adherence.converse(graphdef, model_cfg, params, tokenizer, conversations,
-                               _sampling_cfg(cfg.eval, tokenizer, greedy=True), jax.random.key(0),
+                               _sampling_cfg(cfg.eval, tokenizer.eos_id, greedy=True),
+                               jax.random.key(0),
                                mesh, cfg.eval.batch_size)
   adherence.save_transcripts(path, instructions, conversations, replies)
   return adherence.adherence_by_turn(instructions, conversations, replies)
@@ -211,6 +217,12 @@ def _longest_instruction(bank, max_constraints: int) -> str:
   return " ".join(sorted(longest.values(), key=len, reverse=True)[:max_constraints])
 
 
+def prompt_budget(cfg, model_cfg: configs.ModelConfig) -> int:
+  """The most prompt tokens a conversation may reach: what the sequence leaves after a reply."""
+  reply_room = max(cfg.sampling.max_new_tokens, cfg.eval.max_new_tokens)
+  return min(cfg.data.seq_len, 2 * model_cfg.max_seq_len) - reply_room
+
+
 def _validate(cfg, ctx):
   """Everything that can be wrong with the inputs, checked before any model is loaded."""
   where = f"stages.{ctx.name}"
@@ -224,8 +236,7 @@ def _validate(cfg, ctx):
   questions = _dialogue_questions(cfg, ctx)
   eval_set = _eval_set(cfg, ctx)
   longest = _longest_instruction(bank, cfg.data.max_constraints)
-  reply_room = max(cfg.sampling.max_new_tokens, cfg.eval.max_new_tokens)
-  budget = min(cfg.data.seq_len, 2 * model_cfg.max_seq_len) - reply_room
+  budget = prompt_budget(cfg, model_cfg)
   check_budget(tokenizer, [longest] * len(questions),
                [q[0] for q in questions], budget, f"{where}.data")
   check_budget(tokenizer, [i.text for i in eval_set[0]], [c.questions[0] for c in eval_set[1]],
@@ -331,3 +342,32 @@ def evaluate(cfg, ctx, model_dir: str) -> dict:
   rates = measure_adherence(cfg, tokenizer, graphdef, model_cfg, params, mesh, eval_set,
                             os.path.join(model_dir, "adherence_eval.jsonl"))
   return _flat(rates, "")
+
+
+def sampling_for_aot(cfg, mesh):
+  """(jitted generate, abstract args, rules, model FLOPs per call) of the largest sampling call.
+
+  That is `sampling.batch_size` prompts at the longest padded length the prompt budget allows,
+  plus `max_new_tokens`: one prefill and the decode loop over a cache of that many slots. The
+  params take their training shardings (as restored for sampling at run time), the prompts the
+  batch sharding, and nothing is allocated.
+  """
+  if "model" not in cfg:
+    raise ValueError("the stage has no `model` section, so there is no model to compile")
+  model_cfg = common.model_config(cfg.model, "model")
+  rules = sharding.DEFAULT_RULES
+  graphdef, _ = model.abstract_model(model_cfg)
+  params = model.abstract_params(model_cfg, mesh, rules)
+  # The EOS id only decides when rows stop, not any shape.
+  sampling_cfg = _sampling_cfg(cfg.sampling, sampling.SamplingConfig.eos_id)
+  prompt_len = adherence.padded_length(prompt_budget(cfg, model_cfg))
+  shape = (cfg.sampling.batch_size, prompt_len)
+  prompts = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.data_sharding(mesh, 2, rules))
+  key = jax.eval_shape(jax.random.key, 0)
+  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+  args = (graphdef, model_cfg, sampling_cfg, params, prompts, prompts, rng)
+  # Forward only: a third of the training FLOPs per token, over prompt and new tokens.
+  length = prompt_len + sampling_cfg.max_new_tokens
+  flops = hardware.flops_per_token(configs.param_count(model_cfg), model_cfg.n_layers, length,
+                                   model_cfg.dim) / 3 * shape[0] * length
+  return sampling.generate_program, args, rules, flops

@@ -166,7 +166,15 @@ def run(cfg, ctx: common.StageContext) -> dict:
 
 
 def train_step_for_aot(cfg, mesh):
-  """(jitted step, abstract (state, batch), rules, model FLOPs per step) for compiling on `mesh`."""
+  """(jitted step, abstract (state, batch), rules, model FLOPs per step) for compiling on `mesh`.
+
+  Serves every stage whose step is this next-token step on packed rows: pretraining, and SFT and
+  GAtt, which differ only in their data and loss mask. Reads the stage's `model` (at run time a
+  fine-tuning stage takes its model from `init_from` instead), train, optimizer, data.seq_len and
+  z_loss; nothing is allocated.
+  """
+  if "model" not in cfg:
+    raise ValueError("the stage has no `model` section, so there is no model to compile")
   model_cfg = common.model_config(cfg.model, "model")
   tr, _ = build_trainer(cfg, model_cfg, mesh, "aot")
   state = tr.abstract_state(model.abstract_params(model_cfg, mesh, tr.rules))

@@ -7,7 +7,9 @@ for the real sizes: LR 2e-5 cosine, weight decay 0.1, batch 64, seq 4096, 2 epoc
 Config: init_from (an earlier stage or model directory), tokenizer, data (source: an earlier
 stage that wrote sft/ data, e.g. "world", a path of dialogue JSONL, or "tfds:NAME[@SPLIT]" of a
 dialogues dataset under data_dir (data_pipelines/tfds_sources.py); eval_source; seq_len;
-eval_batches; skip_bad_rows: drop bad rows, counted by kind, instead of failing), train, optimizer.
+eval_batches; skip_bad_rows: drop bad rows, counted by kind, instead of failing), train, optimizer,
+model (read by `lm aot` only, which compiles without a checkpoint: at run time the model is the
+one in init_from).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from lm.evals import chat as chat_evals
 from lm.stages import common
 from lm.stages.pretrain import (build_trainer, make_evaluate, resolve_chat_start,
                                 resolve_tokenizer)
+# The SFT step is the pretraining step on packed chat rows, so `lm aot` compiles it the same way.
+from lm.stages.pretrain import train_step_for_aot  # noqa: F401
 from lm.tokenizer import Tokenizer
 
 
