@@ -47,7 +47,7 @@ class WorldConfig:
   towns: int = 8
   train_documents: int = 6000
   eval_documents: int = 200
-  sft_dialogues: int = 3000
+  sft_dialogues: int = 8000  # about 3 epochs in the tiny chat preset's 250 SFT steps
   gatt_dialogues: int = 600
   gatt_eval_dialogues: int = 64
   gatt_eval_turns: int = 8

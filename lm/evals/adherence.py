@@ -80,6 +80,9 @@ def converse(graphdef, model_cfg, params, tokenizer: Tokenizer,
     active = [i for i, c in enumerate(conversations) if turn < len(c.questions)]
     prompts = [tokenizer.encode_dialog(conversations[i].messages(
         turn, [r.text for r in replies[i]])).tokens.tolist() for i in active]
+    # Batches of similar lengths: less left padding to prefill and attend over.
+    order = sorted(range(len(active)), key=lambda k: len(prompts[k]))
+    active, prompts = [active[k] for k in order], [prompts[k] for k in order]
     for start in range(0, len(active), batch_size):
       chunk = prompts[start:start + batch_size]
       padded = chunk + [chunk[0]] * (batch_size - len(chunk))
