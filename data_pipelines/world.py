@@ -48,6 +48,7 @@ class WorldConfig:
   train_documents: int = 6000
   eval_documents: int = 200
   sft_dialogues: int = 8000  # about 3 epochs in the tiny chat preset's 250 SFT steps
+  preference_pairs: int = 3000  # helpfulness pairs; safety pairs and prompts scale with it
   gatt_dialogues: int = 600
   gatt_eval_dialogues: int = 64
   gatt_eval_turns: int = 8
@@ -55,7 +56,7 @@ class WorldConfig:
   @classmethod
   def preset(cls, size: str, seed: int = 0) -> WorldConfig:
     sizes = {"test": dict(people=16, towns=4, train_documents=1500, eval_documents=150,
-                          sft_dialogues=800, gatt_dialogues=240, gatt_eval_dialogues=32),
+                          sft_dialogues=800, preference_pairs=800, gatt_dialogues=240, gatt_eval_dialogues=32),
              "tiny": {}, "small": dict(people=200, towns=20, train_documents=40000)}
     if size not in sizes:
       raise ValueError(f"unknown world size {size!r}; choose one of {sorted(sizes)}")

@@ -197,7 +197,7 @@ def score_answer(reply: str, answer: str) -> bool:
 def write(out: str, world: world_lib.World, cfg: world_lib.WorldConfig) -> dict:
   """Writes preferences/{helpful,safety}/{train,eval}.jsonl and prompts/{train,eval}.jsonl."""
   people, held_out = world_lib.sft_people(world)
-  base, n = cfg.seed * 1000, cfg.sft_dialogues
+  base, n = cfg.seed * 1000, cfg.preference_pairs
   files = {
       "preferences/helpful/train.jsonl": helpfulness_pairs(world, world.people, n, base + 10),
       "preferences/helpful/eval.jsonl": helpfulness_pairs(world, world.people, max(n // 10, 64),

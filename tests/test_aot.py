@@ -1,6 +1,6 @@
 """`lm aot`: the paper's sizes compile for TPU slices on this CPU host and fit in HBM.
 
-Each compile takes about a minute on 2 cores; the figures are printed for the record.
+Each compile takes one to four minutes on 2 cores; the figures are printed for the record.
 """
 
 import os
@@ -14,7 +14,11 @@ pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
 from experiments import llama2_chat, pretrain  # noqa: E402
 from lm import aot  # noqa: E402
 
-CASES = [("7b", "v5p-128"), ("13b", "v5e-256"), ("70b", "v5p-512")]
+# Each compile takes one to four minutes here, so the cases are chosen to cover the most between
+# them: MHA (13b) and GQA (70b), gradient accumulation (70b pretraining, the largest
+# temporaries), the chat presets' tensor-4 mesh, and GAtt's sampling program. The 7b figures in
+# the README come from the same code (`lm aot experiments/pretrain.py:7b --topology=v5p-128`).
+CASES = [("70b", "v5p-512")]
 CHIPS = {"v5p-128": 64, "v5e-256": 256, "v5p-512": 256}
 N_PARAMS = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}
 
@@ -35,7 +39,7 @@ def test_paper_sizes_fit_their_slices(preset, topology):
   assert_holds(report, preset, 12)
 
 
-@pytest.mark.parametrize("preset, topology, stage", [("7b", "v5p-128", "sft"),
+@pytest.mark.parametrize("preset, topology, stage", [("13b", "v5e-256", "sft"),
                                                      ("70b", "v5p-512", "gatt")])
 def test_chat_stages_fit_their_slices(preset, topology, stage):
   """SFT compiles its train step; GAtt its train step and its sampling program (a batch of
