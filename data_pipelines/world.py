@@ -56,7 +56,8 @@ class WorldConfig:
   @classmethod
   def preset(cls, size: str, seed: int = 0) -> WorldConfig:
     sizes = {"test": dict(people=16, towns=4, train_documents=1500, eval_documents=150,
-                          sft_dialogues=800, preference_pairs=800, gatt_dialogues=240, gatt_eval_dialogues=32),
+                          sft_dialogues=800, preference_pairs=800, gatt_dialogues=240,
+                          gatt_eval_dialogues=32),
              "tiny": {}, "small": dict(people=200, towns=20, train_documents=40000)}
     if size not in sizes:
       raise ValueError(f"unknown world size {size!r}; choose one of {sorted(sizes)}")
