@@ -122,7 +122,8 @@ def test_tiny_pipeline_on_the_world_learns_facts(tmp_path):
 
 def test_chat_pipeline_sft_then_gatt_each_show_their_effect(tmp_path):
   """world -> tokenizer -> pretrain -> SFT -> GAtt at test size: each stage's effect, measured."""
-  result = lm("run", "experiments/llama2_chat.py:test", f"--workdir={tmp_path}")
+  # About 5 minutes on 2 idle cores; the timeout only guards against a hang.
+  result = lm("run", "experiments/llama2_chat.py:test", f"--workdir={tmp_path}", timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   sft = json.loads((tmp_path / "sft" / "metrics.json").read_text())
   # The pretrained model has never seen [INST]. Measured after 80 SFT steps: held-out answer
