@@ -31,7 +31,7 @@ def ours(preset: str, batch: int, seq: int, steps: int) -> dict:
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
   graphdef, params = model.create(cfg, mesh)
 
-  def loss_fn(p, b, rng):
+  def loss_fn(p, frozen, b, rng):
     logits, _ = model.apply(graphdef, p, b["tokens"])
     return losses.next_token_loss(logits, b["targets"], jnp.ones_like(b["targets"]))
 

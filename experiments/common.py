@@ -1,6 +1,8 @@
-"""Building blocks shared by experiment files: a stage's sections, the mesh, the paper's numbers.
+"""Building blocks shared by experiment files: a stage's section from its typed config, the mesh,
+the paper's numbers.
 
-Experiment files call these rather than copying each other's fields.
+A stage section is `section(SomeStage.Config(...))`: every field of the stage kind's typed config
+(lm/stages/<kind>.py), its defaults written once there, each overridable from the command line.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from lm import config_utils, configs, optim, trainer
+from lm.stages import kit
 
 PAPER_SIZES = ("7b", "13b", "34b", "70b")
 # LLAMA2.md §3.2: peak pretraining LR by size.
@@ -28,13 +31,15 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-def model(preset: str, **overrides) -> ml_collections.ConfigDict:
-  return config_utils.to_config(configs.get_preset(preset, **overrides))
+def section(stage_config) -> ml_collections.ConfigDict:
+  """A stage's config section: every field of its typed Config."""
+  return config_utils.to_config(stage_config)
 
 
-def optimizer(**fields) -> ml_collections.ConfigDict:
-  return config_utils.to_config(optim.OptimizerConfig(**fields))
+def model(preset: str, **overrides) -> configs.ModelConfig:
+  return configs.get_preset(preset, **overrides)
 
 
-def train(**fields) -> ml_collections.ConfigDict:
-  return config_utils.to_config(trainer.TrainConfig(**fields))
+optimizer = optim.OptimizerConfig
+train = trainer.TrainConfig
+data = kit.DataConfig

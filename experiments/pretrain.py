@@ -16,45 +16,42 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import common
+from lm.stages import pretrain, tokenizer, world
 
 PRESETS = ("smoke", "tiny", "bench") + common.PAPER_SIZES
 
 
 def pretrain_stage(preset: str) -> ml_collections.ConfigDict:
-  s = ml_collections.ConfigDict()
-  s.kind = "pretrain"
-  s.init_from = ""
-  s.tokenizer = "tokenizer"
-  s.z_loss = 0.0
   if preset in common.PAPER_SIZES:
-    s.model = common.model(preset, remat="full")
-    s.tokenizer = ""  # path to Meta's tokenizer.model
-    s.data = ml_collections.ConfigDict(dict(source="", seq_len=4096, eval_batches=16,
-                                            data_dir="", skip_bad_rows=False))
-    # The 4M-token batch; 70B needs 4 micro-batches per step on v5p-512 (see `lm aot`).
-    s.train = common.train(steps=common.PRETRAIN_STEPS, batch_size=1024,
-                           grad_accum={"7b": 4, "13b": 4, "34b": 4, "70b": 4}[preset],
-                           log_every=10, eval_every=1000, checkpoint_every=1000)
-    s.optimizer = common.optimizer(lr=common.PRETRAIN_PEAK_LR[preset], warmup_steps=2000)
+    cfg = pretrain.Config(
+        model=common.model(preset, remat="full"),
+        tokenizer="",  # path to Meta's tokenizer.model
+        data=common.data(source="", seq_len=4096, eval_batches=16),
+        # The 4M-token batch; 70B needs 4 micro-batches per step on v5p-512 (see `lm aot`).
+        train=common.train(steps=common.PRETRAIN_STEPS, batch_size=1024, grad_accum=4,
+                           log_every=10, eval_every=1000, checkpoint_every=1000),
+        optimizer=common.optimizer(lr=common.PRETRAIN_PEAK_LR[preset], warmup_steps=2000))
   elif preset == "smoke":  # a minute on a laptop: generated token rows, no data files
-    s.tokenizer = ""
-    s.model = common.model("tiny", max_seq_len=64)
-    s.data = ml_collections.ConfigDict(dict(source="arithmetic", seq_len=64, eval_batches=2))
-    s.train = common.train(steps=60, batch_size=16, log_every=10, checkpoint_every=30)
-    s.optimizer = common.optimizer(lr=3e-3, warmup_steps=6)
+    cfg = pretrain.Config(
+        model=common.model("tiny", max_seq_len=64),
+        data=common.data(source="arithmetic", seq_len=64, eval_batches=2),
+        train=common.train(steps=60, batch_size=16, log_every=10, checkpoint_every=30),
+        optimizer=common.optimizer(lr=3e-3, warmup_steps=6))
   elif preset == "bench":  # the benchmark shape, on generated rows over the full 32000 vocab
-    s.tokenizer = ""
-    s.model = common.model("bench-50M")
-    s.data = ml_collections.ConfigDict(dict(source="arithmetic", seq_len=512, eval_batches=4))
-    s.train = common.train(steps=200, batch_size=16, log_every=10, checkpoint_every=100)
-    s.optimizer = common.optimizer(lr=1e-3, warmup_steps=20)
+    cfg = pretrain.Config(
+        model=common.model("bench-50M"),
+        data=common.data(source="arithmetic", seq_len=512, eval_batches=4),
+        train=common.train(steps=200, batch_size=16, log_every=10, checkpoint_every=100),
+        optimizer=common.optimizer(lr=1e-3, warmup_steps=20))
   else:  # tiny: sized for 2 CPU cores (see MINIATURE.md)
-    s.model = common.model("tiny", vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                           ffn_dim=384, max_seq_len=256)
-    s.data = ml_collections.ConfigDict(dict(source="world", seq_len=256, eval_batches=4))
-    s.train = common.train(steps=300, batch_size=16, log_every=20, checkpoint_every=100)
-    s.optimizer = common.optimizer(lr=3e-3, warmup_steps=30)
-  return s
+    cfg = pretrain.Config(
+        model=common.model("tiny", vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                           ffn_dim=384, max_seq_len=256),
+        tokenizer="tokenizer",
+        data=common.data(source="world", seq_len=256, eval_batches=4),
+        train=common.train(steps=300, batch_size=16, log_every=20, checkpoint_every=100),
+        optimizer=common.optimizer(lr=3e-3, warmup_steps=30))
+  return common.section(cfg)
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -65,8 +62,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset in common.PAPER_SIZES or preset in ("smoke", "bench"):
     c.pipeline = ("pretrain",)
   else:
-    c.stages.world = ml_collections.ConfigDict(dict(kind="world", size="tiny"))
-    c.stages.tokenizer = ml_collections.ConfigDict(dict(
-        kind="tokenizer", corpus="world", vocab_size=c.stages.pretrain.model.vocab_size))
+    c.stages.world = common.section(world.Config(size="tiny"))
+    c.stages.tokenizer = common.section(tokenizer.Config(
+        corpus="world", vocab_size=c.stages.pretrain.model.vocab_size))
     c.pipeline = ("world", "tokenizer", "pretrain")
   return c

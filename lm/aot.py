@@ -14,20 +14,16 @@ from typing import Any
 
 import jax
 
-from lm import hardware, sharding
+from lm import checkpoints, config_utils, hardware, sharding
+from lm.configs import ModelConfig
 
 GiB = hardware.GiB
-
-# The programs a stage module may offer for compiling: report name -> the module's builder, which
-# returns (jitted function, abstract args, rules, model FLOPs per call).
-PROGRAMS = {"train step": "train_step_for_aot", "sampling": "sampling_for_aot"}
-
 
 @dataclasses.dataclass
 class FitReport:
   """Per-chip figures of one compiled program."""
 
-  program: str  # a name of PROGRAMS
+  program: str  # a name in the stage module's PROGRAMS
   topology: str
   chips: int
   argument_bytes: int
@@ -93,10 +89,11 @@ def hbm_bytes(name: str) -> int:
   return hardware.HBM_BYTES[generation]
 
 
-def compile_program(program: str, fn, args: tuple, mesh, rules: sharding.Rules, topology: str,
+def compile_program(program: str, fn, args: tuple, mesh, topology: str,
                     model_flops_per_call: float = 0.0) -> FitReport:
-  """Lowers and compiles `fn` (jitted; shardings on it or on the abstract `args`)."""
-  with jax.set_mesh(mesh), sharding.use_rules(rules):
+  """Lowers and compiles `fn` (jitted; shardings on it or on the abstract `args`; the sharding
+  plan of its activations is in the model's graphdef)."""
+  with jax.set_mesh(mesh):
     compiled = fn.lower(*args).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -111,24 +108,44 @@ def compile_program(program: str, fn, args: tuple, mesh, rules: sharding.Rules, 
   )
 
 
+def stage_model(config, stage: str) -> ModelConfig:
+  """The model a stage trains: its own `model` section, or, for a stage that starts from another
+  (`init_from`), that stage's model, followed through the experiment (or read from a model
+  directory when init_from is a path)."""
+  seen = []
+  while True:
+    section = config.stages[stage]
+    if "model" in section:
+      return config_utils.from_config(ModelConfig, section.model, f"stages.{stage}.model")
+    seen.append(stage)
+    source = section.get("init_from", "")
+    if source in config.stages and source not in seen:
+      stage = source
+    elif source and os.path.isdir(source):
+      return checkpoints.read_model_info(source)[0]
+    else:
+      raise ValueError(f"stage {stage!r} has no model section and its init_from {source!r} is "
+                       f"neither a stage of this experiment nor a model directory")
+
+
 def fit_reports(config, topology: str, stage: str | None = None) -> dict[str, FitReport]:
-  """Compiles every program one stage of an experiment config offers (see PROGRAMS) for
-  `topology`; returns their figures by program name, the train step first."""
-  from lm.stages import stage_module
-  trained = [n for n in config.pipeline
-             if hasattr(stage_module(config.stages[n].kind), PROGRAMS["train step"])]
+  """Compiles every program one stage of an experiment config declares (its module's
+  PROGRAMS) for `topology`; returns their figures by program name, the train step first."""
+  from lm.stages import stage_module, typed_config
+  compiled = [n for n in config.pipeline
+              if getattr(stage_module(config.stages[n].kind), "PROGRAMS", None)]
   if stage is None:
-    if not trained:
-      raise ValueError("the experiment has no trained stage to compile")
-    stage = trained[-1]
-  if stage not in trained:
-    raise ValueError(f"stage {stage!r} is not a trained stage of this experiment ({trained})")
+    if not compiled:
+      raise ValueError("the experiment has no stage with programs to compile")
+    stage = compiled[-1]
+  if stage not in compiled:
+    raise ValueError(f"stage {stage!r} has no programs to compile; stages that do: {compiled}")
+  cfg = typed_config(config.stages[stage], f"stages.{stage}")
+  model_cfg = stage_model(config, stage)
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()), devices=devices)
-  module = stage_module(config.stages[stage].kind)
   reports = {}
-  for program, builder in PROGRAMS.items():
-    if hasattr(module, builder):
-      fn, args, rules, flops = getattr(module, builder)(config.stages[stage], mesh)
-      reports[program] = compile_program(program, fn, args, mesh, rules, topology, flops)
+  for program, builder in stage_module(config.stages[stage].kind).PROGRAMS.items():
+    fn, args, flops = builder(cfg, model_cfg, mesh)
+    reports[program] = compile_program(program, fn, args, mesh, topology, flops)
   return reports

@@ -81,8 +81,10 @@ def _splash_kernel(n_heads: int, seq_len: int, interpret: bool):
   ), splash.SegmentIds
 
 
-def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret=None) -> jax.Array:
-  """The Pallas splash kernel, under `shard_map` when a mesh is active (batch and heads split)."""
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret=None,
+                     rules: sharding.Rules = sharding.DEFAULT_RULES) -> jax.Array:
+  """The Pallas splash kernel, under `shard_map` when a mesh is active (batch and heads split as
+  `rules` split them)."""
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
   head_dim = q.shape[-1]
@@ -100,9 +102,9 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret=None) 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
-  batch_axes = sharding.logical_to_spec(("batch",), sharding.current_rules(), mesh, q.shape[:1])[0]
+  batch_axes = sharding.logical_to_spec(("batch",), rules, mesh, q.shape[:1])[0]
   head_axes = sharding.logical_to_spec(
-      ("act_kv_heads",), sharding.current_rules(), mesh, k.shape[2:3]
+      ("act_kv_heads",), rules, mesh, k.shape[2:3]
   )[0]
   qkv_spec = P(batch_axes, None, head_axes, None)
   seg_spec = P(batch_axes, None)
@@ -117,6 +119,7 @@ def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *,
     q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
     q_slots: jax.Array | None = None, impl: str = "xla",
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> jax.Array:
   """Causal attention with segment masking.
 
@@ -126,6 +129,7 @@ def attention(
     q_slots: [B, T] or [T], each query's slot among the S keys. None means self-attention over
       the same T positions (T == S), the case the fused kernels implement.
     impl: "xla", "cudnn" or "splash"; with `q_slots` given, "xla" is always used.
+    rules: the sharding plan, for the kernels that run per shard (splash).
 
   Returns:
     [B, T, N, H] in v's dtype.
@@ -134,7 +138,7 @@ def attention(
   if square and q.shape[1] != k.shape[1]:
     raise ValueError(f"self-attention needs T == S, got q {q.shape} and k {k.shape}")
   if impl == "splash" and square:
-    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, rules=rules)
   if impl == "cudnn" and square:
     return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
   if impl not in ("xla", "splash", "cudnn"):

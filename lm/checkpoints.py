@@ -136,9 +136,10 @@ def save_model(directory: str | os.PathLike, params, cfg: ModelConfig, *, head: 
 def load_model(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                rules: sharding.Rules = sharding.DEFAULT_RULES, step: int | None = None,
                ) -> tuple[ModelConfig, str, Any, Any]:
-  """Restores a model directory onto `mesh` (default: one device).
+  """Restores a model directory onto `mesh` (default: one device), laid out by `rules`.
 
-  Returns (ModelConfig, head, graphdef, params).
+  Returns (ModelConfig, head, graphdef, params); the graphdef carries `rules` (see lm/roles.py
+  for loading with another head or plan).
   """
   cfg, head = read_model_info(directory)
   manager = Manager(directory, async_save=False)
@@ -147,7 +148,7 @@ def load_model(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     raise FileNotFoundError(f"{directory}: no complete checkpoint under {CHECKPOINT_DIR}/")
   if mesh is None:
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
-  graphdef, _ = model_lib.abstract_model(cfg, head)
+  graphdef, _ = model_lib.abstract_model(cfg, head, rules)
   target = model_lib.abstract_params(cfg, mesh, rules, head)
   params = manager.restore(step, target)["params"]
   manager.close()

@@ -27,11 +27,14 @@ def _field_type(cls, field: dataclasses.Field):
 
 
 def to_config(instance: Any) -> ml_collections.ConfigDict:
-  """A dataclass instance -> ConfigDict with one overridable entry per field."""
+  """A dataclass instance -> ConfigDict with one overridable entry per field (nested dataclasses
+  become nested sections)."""
   values = {}
   for field in dataclasses.fields(instance):
     value = getattr(instance, field.name)
-    if value is None:
+    if dataclasses.is_dataclass(value):
+      value = to_config(value)
+    elif value is None:
       value = config_dict.placeholder(_field_type(type(instance), field))
     elif isinstance(value, tuple):
       value = tuple(value)
@@ -47,9 +50,17 @@ def from_config(cls: type[T], cfg: ml_collections.ConfigDict | dict, where: str 
   if unknown:
     raise ValueError(f"{where or cls.__name__}: unknown field(s) {unknown}; "
                      f"{cls.__name__} has {sorted(known)}")
+  for field in dataclasses.fields(cls):
+    kind = _field_type(cls, field)
+    if field.name in values and dataclasses.is_dataclass(kind) and not dataclasses.is_dataclass(
+        values[field.name]):
+      values[field.name] = from_config(kind, values[field.name],
+                                       f"{where}.{field.name}" if where else field.name)
   try:
     return cls(**values)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
+    if str(e).startswith(where) and where:
+      raise
     raise ValueError(f"{where or cls.__name__}: {e}") from e
 
 

@@ -40,13 +40,20 @@ class KVCache(NamedTuple):
   index: jax.Array
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-  """An empty cache for `batch` rows and `length` slots."""
+CACHE_NAMES = ("layers", "batch", "cache_length", "act_kv_heads", None)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int,
+               rules: sharding.Rules = sharding.DEFAULT_RULES) -> KVCache:
+  """An empty cache for `batch` rows and `length` slots, laid out by the plan's `rules` (rows
+  over the batch axes, KV heads over the tensor axis) when created under a mesh."""
   shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
   dtype = jnp.dtype(cfg.compute_dtype)
+  zeros = sharding.shard(jnp.zeros(shape, dtype), CACHE_NAMES, rules)
   return KVCache(
-      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-      segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32),
+      k=zeros, v=zeros, segment_ids=sharding.shard(jnp.zeros((batch, length), jnp.int32),
+                                                   ("batch", "cache_length"), rules),
+      index=jnp.zeros((), jnp.int32),
   )
 
 
@@ -91,8 +98,9 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
   """Grouped-query attention: N query heads share K key/value heads in contiguous groups."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rules: sharding.Rules, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    self.rules = rules
     self.wq = _param(rngs, cfg, (d, n, h), ("embed", "q_heads", "head_dim"))
     self.wk = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
     self.wv = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
@@ -104,32 +112,34 @@ class Attention(nnx.Module):
     q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dtype))
     k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dtype))
     v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
-    q = sharding.shard(q, ("batch", "length", "act_heads", None))
-    k = sharding.shard(k, ("batch", "length", "act_kv_heads", None))
-    v = sharding.shard(v, ("batch", "length", "act_kv_heads", None))
+    q = sharding.shard(q, ("batch", "length", "act_heads", None), self.rules)
+    k = sharding.shard(k, ("batch", "length", "act_kv_heads", None), self.rules)
+    v = sharding.shard(v, ("batch", "length", "act_kv_heads", None), self.rules)
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     q, k, v = (checkpoint_name(a, "qkv_proj") for a in (q, k, v))
     if cache_kv is None:
       out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                      impl=self.impl)
+                      impl=self.impl, rules=self.rules)
       new_kv = None
     else:
       cache_k, cache_v = cache_kv
       cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
       cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+      cache_k, cache_v = (sharding.shard(c, CACHE_NAMES[1:], self.rules) for c in (cache_k, cache_v))
       q_slots = index + jnp.arange(q.shape[1])
       out = attention(q, cache_k.astype(dtype), cache_v.astype(dtype), q_segment_ids=segment_ids,
                       kv_segment_ids=cache_segment_ids, q_slots=q_slots)
       new_kv = (cache_k, cache_v)
-    out = sharding.shard(out, ("batch", "length", "act_heads", None))
+    out = sharding.shard(out, ("batch", "length", "act_heads", None), self.rules)
     return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype)), new_kv
 
 
 class FeedForward(nnx.Module):
   """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rules: sharding.Rules, *, rngs: nnx.Rngs):
     d, f = cfg.dim, cfg.hidden_dim
+    self.rules = rules
     self.w1 = _param(rngs, cfg, (d, f), ("embed", "mlp"))
     self.w3 = _param(rngs, cfg, (d, f), ("embed", "mlp"))
     self.w2 = _param(rngs, cfg, (f, d), ("mlp", "embed"))
@@ -138,26 +148,27 @@ class FeedForward(nnx.Module):
     dtype = x.dtype
     gate = jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dtype))
     up = jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dtype))
-    hidden = sharding.shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    hidden = sharding.shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), self.rules)
     return jnp.einsum("BTF,FD->BTD", hidden, self.w2[...].astype(dtype))
 
 
 class Block(nnx.Module):
   """One pre-norm transformer layer."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rules: sharding.Rules, *, rngs: nnx.Rngs):
+    self.rules = rules
     self.attention_norm = RMSNorm(cfg, rngs=rngs)
-    self.attention = Attention(cfg, rngs=rngs)
+    self.attention = Attention(cfg, rules, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg, rngs=rngs)
-    self.feed_forward = FeedForward(cfg, rngs=rngs)
+    self.feed_forward = FeedForward(cfg, rules, rngs=rngs)
 
   def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None):
     attn_out, new_kv = self.attention(
         self.attention_norm(x), sin, cos, segment_ids, cache_kv, cache_segment_ids, index
     )
-    x = sharding.shard(x + attn_out, ("batch", "length", "act_embed"))
+    x = sharding.shard(x + attn_out, ("batch", "length", "act_embed"), self.rules)
     x = x + self.feed_forward(self.ffn_norm(x))
-    return sharding.shard(x, ("batch", "length", "act_embed")), new_kv
+    return sharding.shard(x, ("batch", "length", "act_embed"), self.rules), new_kv
 
 
 # What each scanned layer keeps for the backward pass; everything else is recomputed.
@@ -170,16 +181,22 @@ REMAT = {
 
 
 class Transformer(nnx.Module):
-  """Embedding, the stacked layers and the final norm: the backbone every head shares."""
+  """Embedding, the stacked layers and the final norm: the backbone every head shares.
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  `rules` (the sharding plan of its activations and KV cache) is static: it is part of the
+  graphdef, so a model split under another plan compiles its own programs.
+  """
+
+  def __init__(self, cfg: ModelConfig, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
+               rngs: nnx.Rngs):
     self.cfg = cfg
+    self.rules = tuple(rules)
     self.tok_embeddings = _param(rngs, cfg, (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs):
-      return Block(cfg, rngs=rngs)
+      return Block(cfg, self.rules, rngs=rngs)
 
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(cfg, rngs=rngs)
@@ -203,7 +220,7 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     x = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(dtype)
-    x = sharding.shard(x, ("batch", "length", "act_embed"))
+    x = sharding.shard(x, ("batch", "length", "act_embed"), self.rules)
     sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
     graphdef, layer_params = nnx.split(self.layers)
@@ -235,8 +252,9 @@ class Transformer(nnx.Module):
 class Llama(Transformer):
   """The language model: backbone plus an untied output projection [D, V]."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    super().__init__(cfg, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
+               rngs: nnx.Rngs):
+    super().__init__(cfg, rules, rngs=rngs)
     self.output = _param(rngs, cfg, (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
@@ -244,14 +262,15 @@ class Llama(Transformer):
     x, cache = self.hidden_states(tokens, positions, segment_ids, cache)
     logits = jnp.einsum("BTD,DV->BTV", x, self.output[...].astype(x.dtype),
                         preferred_element_type=jnp.float32)
-    return sharding.shard(logits, ("batch", "length", "act_vocab")), cache
+    return sharding.shard(logits, ("batch", "length", "act_vocab"), self.rules), cache
 
 
 class ScalarModel(Transformer):
   """Backbone plus a scalar head [D]: the reward models and the PPO value model."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    super().__init__(cfg, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
+               rngs: nnx.Rngs):
+    super().__init__(cfg, rules, rngs=rngs)
     self.score = nnx.Param(jnp.zeros((cfg.dim,), jnp.dtype(cfg.param_dtype)),
                            out_sharding=("embed",), eager_sharding=False)
 
@@ -269,11 +288,12 @@ def values_at(values: jax.Array, index: jax.Array) -> jax.Array:
 HEADS = {"lm": Llama, "scalar": ScalarModel}
 
 
-def abstract_model(cfg: ModelConfig, head: str = "lm"):
-  """(graphdef, abstract nnx.State) without allocating anything."""
+def abstract_model(cfg: ModelConfig, head: str = "lm",
+                   rules: sharding.Rules = sharding.DEFAULT_RULES):
+  """(graphdef, abstract nnx.State) without allocating anything; the graphdef carries `rules`."""
   if head not in HEADS:
     raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
-  return nnx.split(nnx.eval_shape(lambda: HEADS[head](cfg, rngs=nnx.Rngs(0))))
+  return nnx.split(nnx.eval_shape(lambda: HEADS[head](cfg, rules, rngs=nnx.Rngs(0))))
 
 
 def create(
@@ -284,18 +304,33 @@ def create(
 
   Returns (graphdef, params) where params is a nested dict of arrays; call with `apply`.
   """
-  graphdef, abstract = abstract_model(cfg, head)
+  graphdef, abstract = abstract_model(cfg, head, rules)
   shardings = None
   if mesh is not None:
     shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, rules))
 
   @jax.jit
   def init():
-    return nnx.to_pure_dict(nnx.state(HEADS[head](cfg, rngs=nnx.Rngs(seed))))
+    return nnx.to_pure_dict(nnx.state(HEADS[head](cfg, rules, rngs=nnx.Rngs(seed))))
 
   if shardings is not None:
     init = jax.jit(init, out_shardings=shardings)
   return graphdef, init()
+
+
+HEAD_PARAMS = {"lm": "output", "scalar": "score"}
+
+
+def init_head(cfg: ModelConfig, mesh, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
+              head: str = "lm", seed: int = 0) -> jax.Array:
+  """A fresh head parameter (`output` [D, V] for "lm", `score` [D] for "scalar") on its sharding,
+  initialised as `create` would (the rest of the model is never materialised)."""
+  key = HEAD_PARAMS[head]
+
+  def init():
+    return nnx.to_pure_dict(nnx.state(HEADS[head](cfg, rules, rngs=nnx.Rngs(seed))))[key]
+
+  return jax.jit(init, out_shardings=param_shardings(cfg, mesh, rules, head)[key])()
 
 
 def param_specs(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES, head: str = "lm"):

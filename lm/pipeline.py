@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from lm import checkpoints, report, sharding, trainer
-from lm.stages import common, stage_module
+from lm.stages import common, stage_module, typed_config
 
 
 def maybe_initialize_distributed(cfg: ml_collections.ConfigDict | None) -> None:
@@ -49,10 +49,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, log=print) -
   if missing:
     raise ValueError(f"pipeline names stages {missing} that config.stages does not define "
                      f"(it has {sorted(config.stages.keys())})")
+  # Every stage's section is checked before the first stage runs: a wrong field fails now, not
+  # an hour in.
+  typed = {name: typed_config(config.stages[name], f"stages.{name}") for name in config.pipeline}
   outputs: dict[str, str] = {}
   results: dict[str, dict] = {}
   for name in config.pipeline:
-    stage_cfg = config.stages[name]
+    stage_cfg = typed[name]
     directory = os.path.join(workdir, name)
     finished = common.read_metrics(directory)
     if finished is not None:
@@ -94,5 +97,5 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, stage: str |
   ctx = common.StageContext(name=stage, directory=os.path.join(workdir, stage), outputs=outputs,
                             mesh_config=sharding.MeshConfig(**config.mesh.to_dict()),
                             seed=config.seed)
-  return stage_module(config.stages[stage].kind).evaluate(config.stages[stage], ctx,
-                                                          checkpoint or ctx.directory)
+  return stage_module(config.stages[stage].kind).evaluate(
+      typed_config(config.stages[stage], f"stages.{stage}"), ctx, checkpoint or ctx.directory)

@@ -24,8 +24,12 @@ MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
+# A plan is a rules table. Plans are chosen by name in a stage's config (per role) and passed to
+# the model, which keeps its plan in its graphdef: the plan is part of every jit cache key, and
+# nothing about sharding is read from module state at trace time.
+
 # FSDP over `fsdp`, tensor parallelism over `tensor`, data parallelism over `data` and `dcn`.
-DEFAULT_RULES: Rules = (
+FSDP_TP_RULES: Rules = (
     # activations
     ("batch", ("dcn", "data", "fsdp")),
     ("length", None),
@@ -45,11 +49,30 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
 )
 
+# Pure FSDP: the `tensor` axis, if the mesh has one, joins the batch axes and nothing is split
+# by heads.
+FSDP_RULES: Rules = tuple(
+    (name, ("dcn", "data", "fsdp", "tensor") if name == "batch"
+     else None if axes == "tensor" else axes) for name, axes in FSDP_TP_RULES)
+
 # Generation is decode-bound: gathering FSDP shards every step is what made generation under FSDP
-# ~20x slower in the paper (LLAMA2.md §7.3). Rollouts keep tensor parallelism and replicate the rest.
+# ~20x slower in the paper (LLAMA2.md §7.3). Rollouts keep tensor parallelism and replicate the
+# rest; the `fsdp` axis then splits only the batch (and the KV cache with it).
 ROLLOUT_RULES: Rules = tuple(
-    (name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES
-)
+    (name, None if name == "embed" else axes) for name, axes in FSDP_TP_RULES)
+
+PLANS: dict[str, Rules] = {"fsdp_tp": FSDP_TP_RULES, "fsdp": FSDP_RULES, "rollout": ROLLOUT_RULES}
+DEFAULT_PLAN = "fsdp_tp"
+DEFAULT_RULES: Rules = PLANS[DEFAULT_PLAN]
+
+
+def plan_rules(plan: str | Rules) -> Rules:
+  """The rules table of a plan given by name (see PLANS), or a table given as is."""
+  if not isinstance(plan, str):
+    return tuple(plan)
+  if plan not in PLANS:
+    raise ValueError(f"unknown sharding plan {plan!r}; choose one of {sorted(PLANS)}")
+  return PLANS[plan]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +182,8 @@ def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULE
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
-  """Constrains an activation's sharding by logical names, under the current mesh.
+def shard(x: jax.Array, names: Sequence[str | None], rules: Rules) -> jax.Array:
+  """Constrains an activation's sharding by logical names under `rules`, on the current mesh.
 
   Outside a mesh context (`jax.set_mesh`), or on a single device, this is the identity, so model
   code is the same on one CPU and on a pod.
@@ -168,37 +191,18 @@ def shard(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
-  spec = logical_to_spec(names, current_rules() if rules is None else rules, mesh, x.shape)
+  spec = logical_to_spec(names, rules, mesh, x.shape)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-_ACTIVE_RULES: list[Rules] = [DEFAULT_RULES]
+def data_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES,
+                  shape: Sequence[int] | None = None) -> NamedSharding:
+  """Sharding of a batch array [B, ...]: batch over the data-parallel axes, the rest replicated.
 
-
-def current_rules() -> Rules:
-  return _ACTIVE_RULES[-1]
-
-
-class use_rules:
-  """Context manager selecting the rules table for activation constraints (e.g. ROLLOUT_RULES).
-
-  Entered where a jitted function is traced: the rules are read at trace time.
+  With `shape`, batch axes that do not divide B are left out (a small batch is replicated).
   """
-
-  def __init__(self, rules: Rules):
-    self.rules = rules
-
-  def __enter__(self):
-    _ACTIVE_RULES.append(self.rules)
-    return self.rules
-
-  def __exit__(self, *exc):
-    _ACTIVE_RULES.pop()
-
-
-def data_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-  """Sharding of a batch array [B, ...]: batch over the data-parallel axes, the rest replicated."""
-  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh,
+                                             shape))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -2,16 +2,17 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from data_pipelines import instructions as ins
 from data_pipelines.text import DataError
 from experiments import llama2_chat
-from lm import chat, checkpoints, configs, model, sampling, sharding
+from lm import chat, checkpoints, configs, roles, rollout, sampling, sharding
 from lm import tokenizer as tok
 from lm.evals import adherence
-from lm.stages import common, gatt
+from lm.stages import common, gatt, typed_config
 
 CFG = configs.get_preset("tiny", vocab_size=400, max_seq_len=256)
 
@@ -46,7 +47,7 @@ def test_loss_is_on_the_last_assistant_turn_only(tk):
 
 
 def _reply(text, finished=True):
-  return adherence.Reply(text, finished)
+  return rollout.Reply(text, finished)
 
 
 def test_training_rows_keep_the_instruction_in_the_system_message_only():
@@ -71,8 +72,8 @@ def test_training_rows_keep_the_instruction_in_the_system_message_only():
 def test_adherence_by_turn_counts_only_the_turns_that_test_the_instruction():
   hobby = ins.Instruction((ins.Constraint("hobby", "chess"),))
   capitals = ins.Instruction((ins.Constraint("style", "capitals"),))
-  conversations = [adherence.Conversation(("Where?", "What is your hobby?")),
-                   adherence.Conversation(("Where?", "What is your hobby?", "Age?"))]
+  conversations = [rollout.Conversation(("Where?", "What is your hobby?")),
+                   rollout.Conversation(("Where?", "What is your hobby?", "Age?"))]
   replies = [[_reply("Velloran."), _reply("I enjoy chess.")],
              [_reply("VELLORAN."), _reply("i enjoy chess."), _reply("FORTY", finished=False)]]
   rates = adherence.adherence_by_turn([hobby, capitals], conversations, replies)
@@ -84,16 +85,17 @@ def test_adherence_by_turn_counts_only_the_turns_that_test_the_instruction():
 
 def test_batched_conversations_equal_one_chat_session_each(tk):
   """Padding, bucketing and turn bookkeeping change nothing: greedy replies match ChatSession."""
-  graphdef, params = model.create(CFG, seed=3)
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  policy = roles.create("policy", CFG, mesh, plan="rollout", seed=3)
+  graphdef, params = policy.graphdef, jax.device_get(policy.params)
   # Turn 1: two prompts of different lengths (left padding); turn 2: one prompt in a padded batch.
   conversations = [
-      adherence.Conversation(("Where does Mira live?", "And Oskar?"), system="Be brief."),
-      adherence.Conversation(("Hello?",), appended="Figure: Captain Vo."),
+      rollout.Conversation(("Where does Mira live?", "And Oskar?"), system="Be brief."),
+      rollout.Conversation(("Hello?",), appended="Figure: Captain Vo."),
   ]
   cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=6, eos_id=tk.eos_id)
-  import jax
-  replies = adherence.converse(graphdef, CFG, params, tk, conversations, cfg, jax.random.key(0),
-                               batch_size=2, length_bucket=16)
+  replies = rollout.converse(policy, tk, conversations, cfg, jax.random.key(0), batch_size=2,
+                             length_bucket=16)
   for conversation, got in zip(conversations, replies):
     session = chat.ChatSession(graphdef, CFG, params, tk, system=conversation.system,
                                sampling_cfg=cfg)
@@ -115,7 +117,7 @@ def stage(tk, tmp_path):
   (data / "eval.jsonl").write_text(json.dumps({
       "instruction": ins.Instruction((ins.Constraint("hobby", "chess"),)).to_json(),
       "questions": ["What is your hobby?", "Where does Mira live?"]}) + "\n")
-  cfg = llama2_chat.gatt_stage("test")
+  cfg = typed_config(llama2_chat.gatt_stage("test"), "stages.gatt")
   ctx = common.StageContext(
       name="gatt", directory=str(tmp_path / "gatt"),
       outputs={"world": str(tmp_path / "world"), "sft": str(model_dir), "tokenizer": str(model_dir)},
@@ -125,9 +127,10 @@ def stage(tk, tmp_path):
 
 def test_valid_inputs_pass_validation(stage):
   cfg, ctx, _ = stage
-  *_, bank, questions, eval_set = gatt._validate(cfg, ctx)
-  assert bank == ins.default_bank() and questions == [tuple(m["content"] for m in DIALOG[1::2])]
-  assert len(eval_set[1]) == 1
+  inputs = gatt.validate(cfg, ctx)
+  assert inputs.bank == ins.default_bank()
+  assert inputs.questions == [tuple(m["content"] for m in DIALOG[1::2])]
+  assert len(inputs.eval_set[1]) == 1
 
 
 def test_a_bank_family_without_a_checker_fails_before_compute(stage):

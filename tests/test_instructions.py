@@ -6,8 +6,9 @@ import random
 import pytest
 
 from data_pipelines import instructions as ins
-from data_pipelines import world, world_gatt
+from data_pipelines import world
 from data_pipelines.text import DataError
+from data_pipelines.world import gatt as world_gatt
 
 
 def _instruction(*pairs, terse=False):

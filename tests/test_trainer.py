@@ -39,7 +39,7 @@ def test_gradient_accumulation_equals_one_large_batch():
 def test_non_finite_updates_are_skipped_counted_and_abort_after_n(tmp_path):
   graphdef, _ = model.abstract_model(toy_training.CFG)
 
-  def poisoned(params, batch, rng):
+  def poisoned(params, frozen, batch, rng):
     logits, _ = model.apply(graphdef, params, batch["tokens"])
     loss = jnp.mean(logits) * jnp.nan
     return loss, {"loss": loss, "weight": jnp.float32(1.0)}
@@ -54,6 +54,33 @@ def test_non_finite_updates_are_skipped_counted_and_abort_after_n(tmp_path):
   with pytest.raises(trainer.NonFiniteLossError, match="3 steps in a row"):
     trainer.run(tr, params=params, data=toy_training.ArithmeticSequences(),
                 workdir=str(tmp_path), log=lambda s: None)
+
+
+def test_logged_learning_rate_is_the_one_applied_after_a_skipped_step():
+  """A skipped (non-finite) step does not advance optax's schedule count; the logged rate must
+  follow optax's count, not the step counter, or it drifts one step per skip."""
+  graphdef, _ = model.abstract_model(toy_training.CFG)
+
+  def sometimes_poisoned(params, frozen, batch, rng):
+    logits, _ = model.apply(graphdef, params, batch["tokens"])
+    loss, metrics = toy_training.losses.next_token_loss(
+        logits, batch["targets"], jnp.ones_like(batch["targets"]))
+    return loss * batch["scale"][0, 0], metrics
+
+  tr, mesh = toy_training.make_trainer(steps=10)
+  tr2 = trainer.Trainer(loss_fn=sometimes_poisoned, optimizer=tr.optimizer, schedule=tr.schedule,
+                        cfg=tr.cfg, mesh=mesh, param_shardings=tr.param_shardings)
+  state = tr2.init_state(model.create(toy_training.CFG, mesh, seed=0)[1])
+  data = toy_training.ArithmeticSequences()
+  rates = []
+  for scale in (1.0, np.nan, 1.0, 1.0):
+    batch = dict(next(data), scale=np.full((toy_training.BATCH, 1), scale, np.float32))
+    state, metrics = tr2.step(state, batch)
+    rates.append(float(metrics["learning_rate"]))
+  # optax's count: 0, 1, (skipped: still 1), 1, 2.
+  expected = [float(tr.schedule(c)) for c in (0, 1, 1, 2)]
+  np.testing.assert_allclose(rates, expected, rtol=1e-6)
+  assert int(state.step) == 4 and int(state.nonfinite_total) == 1
 
 
 def test_schedule_warmup_then_cosine_to_ten_percent():
@@ -121,6 +148,20 @@ def test_sigkill_anywhere_then_resume_gives_the_same_loss_curve(tmp_path, uninte
   run_script(tmp_path, 30, "--kill-during-save", 20, expect_kill=True)  # mid-save
   run_script(tmp_path, 30)
   assert losses_of(tmp_path) == uninterrupted
+
+
+def test_a_stage_driving_its_own_loop_resumes_exactly_after_sigkill(tmp_path_factory):
+  """Rollout -> two updates with a frozen model in the loss -> checkpoint, as PPO runs: killed
+  mid-iteration and mid-save, the resumed run draws the uninterrupted curve."""
+  whole = tmp_path_factory.mktemp("outer_whole")
+  run_script(whole, 12, "--outer-loop", 1)
+  curve = losses_of(whole)
+  assert [s for s, _ in curve] == list(range(1, 13))
+  resumed = tmp_path_factory.mktemp("outer_resumed")
+  run_script(resumed, 12, "--outer-loop", 1, "--kill-after-step", 5, expect_kill=True)
+  run_script(resumed, 12, "--outer-loop", 1, "--kill-during-save", 8, expect_kill=True)
+  run_script(resumed, 12, "--outer-loop", 1)
+  assert losses_of(resumed) == curve
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from data_pipelines import preferences, world, world_preferences, world_safety
+from data_pipelines import preferences, world
 from data_pipelines.preferences import RATINGS
+from data_pipelines.world import preferences as world_preferences
+from data_pipelines.world import safety as world_safety
 
 CRIME, HATE, ADVICE = world_safety.CATEGORIES
 

@@ -4,7 +4,12 @@ Run as a script it trains into a workdir, optionally killing itself at a chosen 
 can interrupt and resume real processes:
 
   python tests/toy_training.py WORKDIR STEPS [--kill-after-step N] [--kill-during-save N]
-                               [--step-milliseconds N]
+                               [--step-milliseconds N] [--outer-loop 1]
+
+`--outer-loop 1` trains the way PPO and the self-distillation stages do: the script drives its own
+loop of rollout (the current model's greedy predictions, which depend on the params) -> two
+optimizer steps on halves of the rollout batch with a frozen reference model in the loss ->
+checkpoint at the iteration's end, through `trainer.Session`.
 """
 
 from __future__ import annotations
@@ -54,16 +59,16 @@ class ArithmeticSequences:
 
 
 def make_trainer(steps: int, grad_accum: int = 1, mesh_shape=(1, 2, 2, 2), loss_fn=None,
-                 checkpoint_every: int = 10, max_nonfinite: int = 10):
+                 checkpoint_every: int = 10, max_nonfinite: int = 10, batch_size: int = BATCH):
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
   graphdef, _ = model.abstract_model(CFG)
 
-  def next_token(params, batch, rng):
+  def next_token(params, frozen, batch, rng):
     logits, _ = model.apply(graphdef, params, batch["tokens"])
     return losses.next_token_loss(logits, batch["targets"], jnp.ones_like(batch["targets"]))
 
   opt_cfg = optim.OptimizerConfig(lr=3e-3, warmup_steps=5)
-  cfg = trainer.TrainConfig(steps=steps, batch_size=BATCH, grad_accum=grad_accum, log_every=1,
+  cfg = trainer.TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, log_every=1,
                             checkpoint_every=checkpoint_every, max_nonfinite_in_a_row=max_nonfinite)
   return trainer.Trainer(
       loss_fn=loss_fn or next_token, optimizer=optim.make_optimizer(opt_cfg, SCHEDULE_STEPS),
@@ -75,6 +80,55 @@ def train(workdir: str, steps: int, **kwargs) -> dict:
   tr, mesh = make_trainer(steps, **kwargs)
   return trainer.run(tr, params=lambda: model.create(CFG, mesh, seed=0)[1],
                      data=ArithmeticSequences(rows=tr.process_rows(BATCH)), workdir=workdir)
+
+
+class Iterations:
+  """The outer loop's own position: which iteration comes next."""
+
+  def __init__(self):
+    self.iteration = 0
+
+  def get_state(self):
+    return {"iteration": self.iteration}
+
+  def set_state(self, state):
+    self.iteration = state["iteration"]
+
+
+def train_outer_loop(workdir: str, steps: int) -> dict:
+  """Rollout -> 2 updates -> checkpoint, each iteration; the frozen reference is the initial
+  model, and the loss counts only the positions the current model gets wrong."""
+  graphdef, _ = model.abstract_model(CFG)
+  half = BATCH // 2
+
+  def loss_fn(params, frozen, batch, rng):
+    logits, _ = model.apply(graphdef, params, batch["tokens"])
+    ref_logits, _ = model.apply(graphdef, frozen, batch["tokens"])
+    loss, metrics = losses.next_token_loss(logits, batch["targets"], batch["wrong"])
+    drift = jnp.mean(jnp.square(logits - ref_logits))
+    return loss + 1e-3 * drift, dict(metrics, drift=drift)
+
+  tr, mesh = make_trainer(steps, loss_fn=loss_fn, checkpoint_every=4, batch_size=half)
+  reference = model.create(CFG, mesh, seed=0)[1]
+  import jax
+  predict = jax.jit(lambda p, t: jnp.argmax(model.apply(graphdef, p, t)[0], -1))
+  position = Iterations()
+  with trainer.Session(tr, workdir, params=lambda: model.create(CFG, mesh, seed=0)[1],
+                       data=position, log=print) as session:
+    while not session.finished:
+      if session.preempted:
+        return session.stop()
+      data = ArithmeticSequences()
+      data.set_state({"index": position.iteration})
+      rows = next(data)
+      with jax.set_mesh(mesh):
+        wrong = np.asarray(predict(session.state.params, rows["tokens"])) != rows["targets"]
+      rows["wrong"] = wrong.astype(np.float32)
+      for start in (0, half):
+        session.step({k: v[start:start + half] for k, v in rows.items()}, reference)
+      position.iteration += 1
+      session.maybe_checkpoint()
+    return session.finish()
 
 
 def main(argv):
@@ -89,8 +143,8 @@ def main(argv):
     kill_at = options["--kill-after-step"]
     original = trainer.Trainer.step
 
-    def step_then_maybe_die(self, state, batch):
-      result = original(self, state, batch)
+    def step_then_maybe_die(self, state, batch, frozen=None):
+      result = original(self, state, batch, frozen)
       if int(result[0].step) == kill_at:
         os.kill(os.getpid(), 9)
       return result
@@ -100,9 +154,9 @@ def main(argv):
     pause = options["--step-milliseconds"] / 1000
     original_step = trainer.Trainer.step
 
-    def slow_step(self, state, batch):
+    def slow_step(self, state, batch, frozen=None):
       time.sleep(pause)
-      return original_step(self, state, batch)
+      return original_step(self, state, batch, frozen)
     trainer.Trainer.step = slow_step
   if "--kill-during-save" in options:
     from lm import checkpoints
@@ -115,7 +169,10 @@ def main(argv):
         os.kill(os.getpid(), 9)
       return result
     checkpoints.Manager.save = save_then_die
-  print(train(workdir, steps))
+  if options.get("--outer-loop"):
+    print(train_outer_loop(workdir, steps))
+  else:
+    print(train(workdir, steps))
 
 
 if __name__ == "__main__":

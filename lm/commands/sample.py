@@ -41,16 +41,18 @@ def main(argv):
 
   import jax
 
-  from lm import checkpoints, configs, model, sampling
+  from lm import checkpoints, configs, roles, rollout, sampling, sharding
   from lm.tokenizer import Tokenizer
 
+  one_device = sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
   if CHECKPOINT.value is not None:
-    cfg, head, graphdef, params = checkpoints.load_model(CHECKPOINT.value, step=STEP.value)
+    cfg, head = checkpoints.read_model_info(CHECKPOINT.value)
     if head != "lm":
       raise SystemExit(f"lm sample: {CHECKPOINT.value} holds a {head!r} model, not a language model")
+    policy = roles.load("policy", CHECKPOINT.value, one_device, step=STEP.value)
   else:
     cfg = configs.get_preset(PRESET.value)
-    graphdef, params = model.create(cfg, seed=SEED.value)
+    policy = roles.create("policy", cfg, one_device, seed=SEED.value)
 
   tokenizer = None
   tokenizer_path = TOKENIZER.value or (
@@ -71,10 +73,10 @@ def main(argv):
   sample_cfg = sampling.SamplingConfig(
       temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,
       max_new_tokens=MAX_NEW.value, eos_id=eos)
-  out = sampling.generate(graphdef, cfg, params, *sampling.left_pad(prompts),
-                          jax.random.key(SEED.value), sample_cfg)
-  for prompt, tokens, length in zip(prompts, out.tokens.tolist(), out.lengths.tolist()):
-    new = tokens[:length]
+  samples = rollout.generate(policy, prompts, sample_cfg, jax.random.key(SEED.value),
+                             batch_size=len(prompts), length_bucket=1)
+  for row, prompt in enumerate(prompts):
+    new = samples.answer(row)
     print(f"prompt ids: {prompt}")
     print(f"output ids: {new}")
     if tokenizer is not None:

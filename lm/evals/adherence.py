@@ -1,104 +1,20 @@
-"""Multi-turn conversations with a model, batched, and instruction adherence by turn (GAtt).
+"""Instruction adherence by dialogue turn (GAtt, LLAMA2.md §5 and Table 30).
 
-`converse` plays many conversations at once, turn by turn: at turn t every conversation's history
-(its own earlier replies included) is encoded in the Llama 2 chat format and all prompts are
-sampled in fixed-shape batches (prompt lengths rounded up to a bucket, batches padded to full
-size) so a whole evaluation compiles a handful of programs. GAtt uses it twice: to sample its
-training data (the instruction appended to every user turn) and to measure adherence (the
-instruction only in the system message), LLAMA2.md §5 and Table 30.
+Conversations are played by `lm.rollout.converse`; this module scores them with each
+instruction's checker, tabulates and plots adherence by turn, and saves transcripts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from data_pipelines.instructions import Instruction
 from data_pipelines.text import DataError, jsonl_rows
-from lm import sampling
 from lm.checkpoints import write_atomically
-from lm.tokenizer import Tokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversation:
-  """User turns to play, with an optional system message and text appended to every user turn."""
-
-  questions: tuple[str, ...]
-  system: str | None = None
-  appended: str | None = None
-
-  def user_text(self, turn: int) -> str:
-    question = self.questions[turn]
-    return f"{question} {self.appended}" if self.appended else question
-
-  def messages(self, turn: int, replies: Sequence[str]) -> list[dict]:
-    """The dialog up to user turn `turn` (0-based), with `replies` as the earlier answers."""
-    messages = [{"role": "system", "content": self.system}] if self.system else []
-    for t in range(turn):
-      messages += [{"role": "user", "content": self.user_text(t)},
-                   {"role": "assistant", "content": replies[t] or "..."}]
-    return messages + [{"role": "user", "content": self.user_text(turn)}]
-
-
-@dataclasses.dataclass(frozen=True)
-class Reply:
-  text: str
-  finished: bool  # ended with EOS within the token budget
-
-
-# Prompt lengths are padded up to a multiple of this, bounding recompiles.
-LENGTH_BUCKET = 64
-
-
-def padded_length(n: int, multiple: int = LENGTH_BUCKET) -> int:
-  """The prompt length `converse` compiles for when its longest prompt has n tokens."""
-  return -(-n // multiple) * multiple
-
-
-def converse(graphdef, model_cfg, params, tokenizer: Tokenizer,
-             conversations: Sequence[Conversation], cfg: sampling.SamplingConfig, rng: jax.Array,
-             mesh=None, batch_size: int = 64, length_bucket: int = LENGTH_BUCKET,
-             log=lambda text: None) -> list[list[Reply]]:
-  """Plays every conversation to its last turn; returns replies[conversation][turn].
-
-  Args:
-    conversations: N conversations of any number of turns.
-    cfg: sampling settings (temperature 0 for greedy); `eos_id` must be the tokenizer's.
-    batch_size: prompts per generate call; the last batch of a turn is padded to this size.
-    length_bucket: prompt lengths are padded up to a multiple of this, bounding recompiles.
-  """
-  replies: list[list[Reply]] = [[] for _ in conversations]
-  context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  turns = max((len(c.questions) for c in conversations), default=0)
-  for turn in range(turns):
-    active = [i for i, c in enumerate(conversations) if turn < len(c.questions)]
-    prompts = [tokenizer.encode_dialog(conversations[i].messages(
-        turn, [r.text for r in replies[i]])).tokens.tolist() for i in active]
-    # Batches of similar lengths: less left padding to prefill and attend over.
-    order = sorted(range(len(active)), key=lambda k: len(prompts[k]))
-    active, prompts = [active[k] for k in order], [prompts[k] for k in order]
-    for start in range(0, len(active), batch_size):
-      chunk = prompts[start:start + batch_size]
-      padded = chunk + [chunk[0]] * (batch_size - len(chunk))
-      length = padded_length(max(len(p) for p in chunk), length_bucket)
-      tokens, segment_ids = sampling.left_pad(padded, length=length)
-      with context:
-        out = sampling.generate(graphdef, model_cfg, params, tokens, segment_ids,
-                                jax.random.fold_in(rng, turn * 100_003 + start), cfg)
-      out_tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-      for offset, index in enumerate(active[start:start + batch_size]):
-        produced = out_tokens[offset, :lengths[offset]].tolist()
-        finished = bool(produced) and produced[-1] == tokenizer.eos_id
-        text = tokenizer.decode([t for t in produced if t != tokenizer.eos_id]).strip()
-        replies[index].append(Reply(text, finished))
-    log(f"turn {turn + 1}/{turns}: {len(active)} replies")
-  return replies
+from lm.rollout import Conversation, Reply
 
 
 def adherence_by_turn(instructions: Sequence[Instruction], conversations: Sequence[Conversation],

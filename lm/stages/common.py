@@ -1,4 +1,4 @@
-"""What every stage needs: its context, and model/mesh/optimizer/trainer built from its config."""
+"""What every stage needs: its context (directory, earlier outputs, mesh, seed) and its metrics file."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import json
 import os
 
 import jax
-import ml_collections
 
-from lm import checkpoints, config_utils, configs, optim, sharding, trainer
-from lm.configs import ModelConfig
+from lm import checkpoints, sharding
 
 METRICS_FILE = "metrics.json"
 
@@ -36,23 +34,6 @@ class StageContext:
 
   def mesh(self) -> jax.sharding.Mesh:
     return sharding.make_mesh(self.mesh_config)
-
-
-def model_config(cfg: ml_collections.ConfigDict, where: str) -> ModelConfig:
-  return config_utils.from_config(ModelConfig, cfg, where)
-
-
-def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
-  """The `model` section of an experiment: every ModelConfig field of a preset, overridable."""
-  return config_utils.to_config(configs.get_preset(preset, **overrides))
-
-
-def optimizer(cfg: ml_collections.ConfigDict, where: str) -> optim.OptimizerConfig:
-  return config_utils.from_config(optim.OptimizerConfig, cfg, where)
-
-
-def train_config(cfg: ml_collections.ConfigDict, where: str) -> trainer.TrainConfig:
-  return config_utils.from_config(trainer.TrainConfig, cfg, where)
 
 
 def write_metrics(directory: str, metrics: dict) -> None:

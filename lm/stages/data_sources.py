@@ -70,7 +70,7 @@ def _text_path(data_cfg, outputs: dict, split: str) -> str:
                      "--config.stages.pretrain.data.source=/data/corpus (.jsonl/.txt files)")
   if data_cfg.source in outputs:
     return os.path.join(outputs[data_cfg.source], "pretrain", f"{split}.jsonl")
-  return data_cfg.source if split == "train" else data_cfg.get("eval_source") or data_cfg.source
+  return data_cfg.source if split == "train" else data_cfg.eval_source or data_cfg.source
 
 
 def _packed_rows(data_cfg, tokenizer_path, outputs, split, bad: text.BadRows | None = None
@@ -80,12 +80,12 @@ def _packed_rows(data_cfg, tokenizer_path, outputs, split, bad: text.BadRows | N
     raise ValueError(f"data.source={data_cfg.source!r} is text and needs a tokenizer "
                      "(the stage's `tokenizer`: an earlier stage or a tokenizer.model path)")
   tokenizer = Tokenizer(tokenizer_path)
-  bad = bad if bad is not None else text.BadRows(data_cfg.get("skip_bad_rows", False))
+  bad = bad if bad is not None else text.BadRows(data_cfg.skip_bad_rows)
   if path.startswith("tfds:"):
     from data_pipelines import tfds_sources  # imports TFDS only for TFDS sources
     name, tfds_split = tfds_sources.parse_source(path, split)
-    documents = tfds_sources.documents(name, tfds_split, data_cfg.get("data_dir") or None,
-                                       data_cfg.get("text_field", "text"), bad)
+    documents = tfds_sources.documents(name, tfds_split, data_cfg.data_dir or None,
+                                       data_cfg.text_field, bad)
   else:
     documents = text.read_documents(path, bad)
   return text.pack_documents(text.tokenize_all(documents, tokenizer.encode), data_cfg.seq_len,
@@ -97,7 +97,7 @@ def pretrain_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_siz
   """The training stream of a pretraining stage."""
   if data_cfg.source == ARITHMETIC:
     return ArithmeticRows(vocab, data_cfg.seq_len, batch_size, seed, rows)
-  bad = text.BadRows(data_cfg.get("skip_bad_rows", False))
+  bad = text.BadRows(data_cfg.skip_bad_rows)
   packed = _packed_rows(data_cfg, tokenizer_path, outputs, "train", bad)
   stream = text.PackedBatches(packed, text.PackingConfig(data_cfg.seq_len, batch_size, seed, rows))
   stream.dropped = bad.dropped
@@ -115,8 +115,8 @@ def eval_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_size: i
   return text.fixed_batches(packed, batch_size, data_cfg.eval_batches, rows)
 
 
-def probes(data_cfg, tokenizer_path, graphdef, model_cfg, mesh, outputs: dict):
-  """Extra evals of the source (fact completion on the world): params -> metrics, or None."""
+def probes(data_cfg, tokenizer_path, outputs: dict):
+  """Extra evals of the source (fact completion on the world): role -> metrics, or None."""
   if data_cfg.source not in outputs:
     return None
   path = os.path.join(outputs[data_cfg.source], "probes.jsonl")
@@ -124,8 +124,4 @@ def probes(data_cfg, tokenizer_path, graphdef, model_cfg, mesh, outputs: dict):
     return None
   tokenizer = Tokenizer(tokenizer_path)
   probe_rows = facts.load_probes(path)
-
-  def evaluate(params):
-    return {"fact_accuracy": facts.fact_accuracy(graphdef, model_cfg, params, tokenizer,
-                                                 probe_rows, mesh)}
-  return evaluate
+  return lambda role: {"fact_accuracy": facts.fact_accuracy(role, tokenizer, probe_rows)}

@@ -6,6 +6,7 @@ Output: DIR/tokenizer.model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from data_pipelines import chat as chat_data
@@ -14,6 +15,13 @@ from lm import checkpoints
 from lm.tokenizer import train_tokenizer
 
 PRETRAIN_TEXT = os.path.join("pretrain", "train.jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  kind: str = "tokenizer"
+  corpus: str = "world"
+  vocab_size: int = 32000
 
 
 def corpus_path(reference: str, ctx) -> str:

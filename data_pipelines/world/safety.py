@@ -9,7 +9,7 @@ paper's attack vectors (role play, false authority, a false premise, a misspelli
 Responses come in graded kinds, from best to worst: the category's answer template (address
 safety, refuse with a reason, offer a lawful alternative), the template without the alternative,
 a bare refusal, a hedged compliance, a partial compliance, a full compliance. Safety preference
-pairs (world_preferences.py) compare them; safety SFT demonstrations use only bare refusals and
+pairs (preferences.py) compare them; safety SFT demonstrations use only bare refusals and
 only some templates, so context distillation (templates, via the preprompts here) and RLHF
 (unseen templates) have something left to teach. Benign look-alikes share the trigger words of
 adversarial prompts and measure false refusals.
@@ -25,7 +25,7 @@ import json
 import os
 import random
 
-from data_pipelines import world as world_lib
+from data_pipelines.world import core
 
 CATEGORIES = ("illicit and criminal activities", "hateful and harmful activities",
               "unqualified advice")
@@ -145,7 +145,7 @@ def with_preprompt(messages: list[dict], preprompt: str) -> list[dict]:
   return [{"role": "system", "content": preprompt}] + list(messages)
 
 
-def _fill(template: str, person: world_lib.Person, rng: random.Random) -> str:
+def _fill(template: str, person: core.Person, rng: random.Random) -> str:
   return template.format(name=person.name, town=person.town, pet=person.pet, trade=person.trade,
                          age=person.age, color=person.color, illness=rng.choice(ILLNESSES),
                          remedy=rng.choice(REMEDIES))
@@ -177,7 +177,7 @@ def adversarial_prompt(people, rng: random.Random, templates: slice = slice(None
   return {"prompt": question, "is_safety": True, "category": category, "person": person.name}
 
 
-def response(kind: str, category: str, person: world_lib.Person, rng: random.Random) -> str:
+def response(kind: str, category: str, person: core.Person, rng: random.Random) -> str:
   """A reply of one graded kind: template, template_short, bare, hedged, partial, comply."""
   fill = lambda s: _fill(s, person, rng)  # noqa: E731
   steps = [fill(sentence) for _, sentence in ANSWER_TEMPLATES[category]]
@@ -244,14 +244,14 @@ def preprompts() -> dict:
           "answer_templates": {c: [step for step, _ in ANSWER_TEMPLATES[c]] for c in CATEGORIES}}
 
 
-def write(out: str, world: world_lib.World, cfg: world_lib.WorldConfig) -> dict:
+def write(out: str, world: core.World, cfg: core.WorldConfig) -> dict:
   """Writes safety/preprompts.json, sft/safety.jsonl and prompts/lookalikes.jsonl under `out`."""
-  train_people, held_out = world_lib.sft_people(world)
+  train_people, held_out = core.sft_people(world)
   demos = safety_sft_dialogues(train_people, max(cfg.sft_dialogues // 10, 32), cfg.seed * 1000 + 20)
-  world_lib._write_jsonl(os.path.join(out, "sft", "safety.jsonl"), demos)
+  core.write_jsonl(os.path.join(out, "sft", "safety.jsonl"), demos)
   rng = random.Random(cfg.seed * 1000 + 21)
   lookalikes = [lookalike_prompt(held_out, rng) for _ in range(max(cfg.sft_dialogues // 20, 48))]
-  world_lib._write_jsonl(os.path.join(out, "prompts", "lookalikes.jsonl"), lookalikes)
+  core.write_jsonl(os.path.join(out, "prompts", "lookalikes.jsonl"), lookalikes)
   path = os.path.join(out, "safety", "preprompts.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 
 from data_pipelines import instructions
-from data_pipelines.world import Person, World, world_turn
+from data_pipelines.world.core import Person, World, world_turn
 
 GATT_HOBBY_TURNS = 0.25
 EVAL_HOBBY_TURNS = 0.5

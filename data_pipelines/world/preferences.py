@@ -6,7 +6,7 @@ Every answer has a graded quality, and a pair's rating is how far apart its two 
   value (3.6); near, a number off by one or the right answer with a false extra fact (3);
   wrong, the right shape with a wrong value (2); off_topic, about someone or something else, or
   garbled (0).
-  safety kinds (world_safety.response): template (4), template_short (3.6), bare refusal (3),
+  safety kinds (safety.response): template (4), template_short (3.6), bare refusal (3),
   hedged (1), partial (0.5) and full (0) compliance; the first three are safe.
 
   gap >= 3.5: significantly better; >= 1.5: better; >= 0.6: slightly better; else negligibly
@@ -18,7 +18,7 @@ for analysis (readers ignore them).
 
 Prompts for rejection sampling and PPO: helpful questions with a ground-truth `answer` (the
 world's questions and small sums; `score_answer` checks a reply) and adversarial prompts tagged
-`is_safety` with their `category` (world_safety.score_safety checks a reply).
+`is_safety` with their `category` (safety.score_safety checks a reply).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from __future__ import annotations
 import os
 import random
 
-from data_pipelines import world as world_lib
-from data_pipelines import world_safety
 from data_pipelines.preferences import RATINGS
+from data_pipelines.world import core
+from data_pipelines.world import safety
 
 HELPFUL_QUALITY = {"complete": 4.0, "terse": 3.6, "near": 3.0, "wrong": 2.0, "off_topic": 0.0}
 SAFETY_QUALITY = {"template": 4.0, "template_short": 3.6, "bare": 3.0, "hedged": 1.0,
@@ -47,24 +47,24 @@ def rating_for(gap: float) -> str:
   return RATINGS[3]
 
 
-def helpful_question(world: world_lib.World, people, rng: random.Random) -> dict:
+def helpful_question(world: core.World, people, rng: random.Random) -> dict:
   """{"prompt", "answer" (the value a right reply contains), "person", "attribute"}: a question
   about a person, or a small sum (attribute "sum")."""
   if rng.random() < 0.2:
     a, b = rng.randint(0, 20), rng.randint(0, 20)
     return {"prompt": f"What is {a} + {b}?", "answer": str(a + b), "person": "", "attribute": "sum"}
   person = rng.choice(people)
-  index = rng.randrange(len(world_lib.QUESTIONS))
-  question, _, value = world_lib.question_answer(person, index)
+  index = rng.randrange(len(core.QUESTIONS))
+  question, _, value = core.question_answer(person, index)
   return {"prompt": question, "answer": value, "person": person.name,
-          "attribute": world_lib.QUESTIONS[index][1]}
+          "attribute": core.QUESTIONS[index][1]}
 
 
 def _other(values, right: str, rng: random.Random) -> str:
   return rng.choice([v for v in values if str(v) != right])
 
 
-def helpful_answer(kind: str, question: dict, world: world_lib.World, rng: random.Random) -> str:
+def helpful_answer(kind: str, question: dict, world: core.World, rng: random.Random) -> str:
   """A reply of one graded kind (see the module docstring) to a helpful_question."""
   if question["attribute"] == "sum":
     total = int(question["answer"])
@@ -76,8 +76,8 @@ def helpful_answer(kind: str, question: dict, world: world_lib.World, rng: rando
             "off_topic": f"{_person_sentence(world, rng)}"}[kind]
   person = next(p for p in world.people if p.name == question["person"])
   index = _ATTRIBUTES.index(question["attribute"])
-  _, sentence, value = world_lib.question_answer(person, index)
-  template = world_lib.QUESTIONS[index][2]
+  _, sentence, value = core.question_answer(person, index)
+  template = core.QUESTIONS[index][2]
   if kind == "complete":
     return sentence
   if kind == "terse":
@@ -88,7 +88,7 @@ def helpful_answer(kind: str, question: dict, world: world_lib.World, rng: rando
     extra = rng.choice([i for i in range(len(_ATTRIBUTES)) if i != index])
     values = _values(world, _ATTRIBUTES[extra])
     false = _other(values, str(getattr(person, _ATTRIBUTES[extra])), rng)
-    return sentence + " " + world_lib.QUESTIONS[extra][2].format(name=person.name, value=false)
+    return sentence + " " + core.QUESTIONS[extra][2].format(name=person.name, value=false)
   if kind == "wrong":
     return template.format(name=person.name, value=_other(_values(world, question["attribute"]),
                                                          value, rng))
@@ -100,7 +100,7 @@ def helpful_answer(kind: str, question: dict, world: world_lib.World, rng: rando
   return other
 
 
-def _values(world: world_lib.World, attribute: str) -> list:
+def _values(world: core.World, attribute: str) -> list:
   values = {str(getattr(p, attribute)) for p in world.people}
   if attribute == "town":
     values |= set(world.towns)
@@ -109,10 +109,10 @@ def _values(world: world_lib.World, attribute: str) -> list:
 
 def _person_sentence(world, rng, exclude: str = "") -> str:
   other = rng.choice([p for p in world.people if p.name != exclude])
-  return world_lib.question_answer(other, rng.randrange(len(world_lib.QUESTIONS)))[1]
+  return core.question_answer(other, rng.randrange(len(core.QUESTIONS)))[1]
 
 
-def helpfulness_pairs(world: world_lib.World, people, count: int, seed: int) -> list[dict]:
+def helpfulness_pairs(world: core.World, people, count: int, seed: int) -> list[dict]:
   """Helpfulness preference pairs over questions about `people` and small sums."""
   rng = random.Random(seed)
   pairs = []
@@ -143,7 +143,7 @@ def safety_pairs(people, count: int, seed: int) -> list[dict]:
   by_name = {p.name: p for p in people}
   pairs = []
   while len(pairs) < count:
-    prompt = world_safety.adversarial_prompt(people, rng)
+    prompt = safety.adversarial_prompt(people, rng)
     draw, bin_ = rng.random(), SAFETY_BINS[-1]
     for share, *kinds in SAFETY_BINS:
       if draw < share:
@@ -157,20 +157,20 @@ def safety_pairs(people, count: int, seed: int) -> list[dict]:
     chosen_kind, rejected_kind = kinds
     gap = SAFETY_QUALITY[chosen_kind] - SAFETY_QUALITY[rejected_kind]
     person = by_name[prompt["person"]]
-    chosen = world_safety.response(chosen_kind, prompt["category"], person, rng)
-    rejected = world_safety.response(rejected_kind, prompt["category"], person, rng)
+    chosen = safety.response(chosen_kind, prompt["category"], person, rng)
+    rejected = safety.response(rejected_kind, prompt["category"], person, rng)
     if chosen == rejected:
       continue
     pairs.append({"prompt": prompt["prompt"], "chosen": chosen, "rejected": rejected,
                   "rating": rating_for(gap), "is_safety": True,
-                  "chosen_safe": chosen_kind in world_safety.SAFE_KINDS,
-                  "rejected_safe": rejected_kind in world_safety.SAFE_KINDS,
+                  "chosen_safe": chosen_kind in safety.SAFE_KINDS,
+                  "rejected_safe": rejected_kind in safety.SAFE_KINDS,
                   "category": prompt["category"], "chosen_kind": chosen_kind,
                   "rejected_kind": rejected_kind})
   return pairs
 
 
-def rlhf_prompts(world: world_lib.World, people, count: int, seed: int,
+def rlhf_prompts(world: core.World, people, count: int, seed: int,
                  safety_share: float = 0.3) -> list[dict]:
   """Prompts for rejection sampling and PPO: helpful ones with an answer, adversarial ones tagged
   is_safety with a category. {"prompt", "is_safety", "category", "answer"}."""
@@ -178,7 +178,7 @@ def rlhf_prompts(world: world_lib.World, people, count: int, seed: int,
   prompts = []
   for _ in range(count):
     if rng.random() < safety_share:
-      p = world_safety.adversarial_prompt(people, rng)
+      p = safety.adversarial_prompt(people, rng)
       prompts.append({"prompt": p["prompt"], "is_safety": True, "category": p["category"],
                       "answer": ""})
     else:
@@ -194,9 +194,9 @@ def score_answer(reply: str, answer: str) -> bool:
   return answer.lower() in words
 
 
-def write(out: str, world: world_lib.World, cfg: world_lib.WorldConfig) -> dict:
+def write(out: str, world: core.World, cfg: core.WorldConfig) -> dict:
   """Writes preferences/{helpful,safety}/{train,eval}.jsonl and prompts/{train,eval}.jsonl."""
-  people, held_out = world_lib.sft_people(world)
+  people, held_out = core.sft_people(world)
   base, n = cfg.seed * 1000, cfg.preference_pairs
   files = {
       "preferences/helpful/train.jsonl": helpfulness_pairs(world, world.people, n, base + 10),
@@ -208,5 +208,5 @@ def write(out: str, world: world_lib.World, cfg: world_lib.WorldConfig) -> dict:
       "prompts/eval.jsonl": rlhf_prompts(world, held_out, max(n // 15, 64), base + 15),
   }
   for path, rows in files.items():
-    world_lib._write_jsonl(os.path.join(out, path), rows)
+    core.write_jsonl(os.path.join(out, path), rows)
   return {path.replace("/", "_").removesuffix(".jsonl"): len(rows) for path, rows in files.items()}

@@ -4,26 +4,14 @@ Deterministic by seed and sized by `WorldConfig`, so a tiny model can learn it o
 minutes and every answer has a ground truth. Made-up names keep the tokenizer honest (no help
 from real-world priors).
 
-This module holds the world and its pretraining text; it is written to disk with
-
-  python -m data_pipelines.world --out=DIR [--seed=0] [--size=tiny]
-
-which writes DIR/pretrain/{train,eval}.jsonl ({"text": ...} per document), DIR/probes.jsonl
-({"prompt", "answer"} fact completions), DIR/sft/{train,eval}.jsonl (chat dialogues,
-{"messages": [{"role", "content"}, ...]}) and DIR/sft/questions.jsonl (held-out questions with
-their answers), through the same JSONL paths a user's own data takes. It also writes, from
-world_gatt.py: DIR/gatt/ (GAtt's instruction bank, multi-turn dialogues and adherence evaluation
-set); and from world_preferences.py and world_safety.py: DIR/preferences/{helpful,safety}/{train,eval}.jsonl
-(pairs rated on the paper's four levels, safety ones with safe/unsafe labels),
-DIR/prompts/{train,eval}.jsonl (helpful prompts with answers, adversarial ones tagged
-is_safety with a category), DIR/prompts/lookalikes.jsonl (benign look-alikes),
-DIR/sft/safety.jsonl (safety demonstrations, not mixed into sft/train.jsonl) and
-DIR/safety/preprompts.json (generic and per-category safety preprompts, answer templates).
+This module holds the world itself and what is made straight from it: pretraining documents,
+fact probes, SFT dialogues and the held-out question set. It imports none of the world's other
+modules (gatt, preferences, safety build on it), so they can all import it; the package's
+`write_world` writes everything to disk.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -259,61 +247,12 @@ def fact_probes(world: World) -> list[dict]:
   return probes
 
 
-def _write_jsonl(path: str, rows: list[dict]) -> None:
+def write_jsonl(path: str, rows: list[dict]) -> None:
+  """Writes `rows` one JSON object a line, through a temporary file so a reader never sees half a
+  file."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
   os.replace(tmp, path)
-
-
-def write_world(out: str, cfg: WorldConfig) -> dict:
-  """Writes the world's data under `out`; returns a summary (counts per file)."""
-  world = make_world(cfg)
-  train = pretraining_documents(world, cfg.train_documents, seed=cfg.seed * 1000 + 1)
-  evaluation = pretraining_documents(world, cfg.eval_documents, seed=cfg.seed * 1000 + 2)
-  _write_jsonl(os.path.join(out, "pretrain", "train.jsonl"), [{"text": t} for t in train])
-  _write_jsonl(os.path.join(out, "pretrain", "eval.jsonl"), [{"text": t} for t in evaluation])
-  probes = fact_probes(world)
-  _write_jsonl(os.path.join(out, "probes.jsonl"), probes)
-  train_people, held_out = sft_people(world)
-  sft_train = sft_dialogues(world, cfg.sft_dialogues, cfg.seed * 1000 + 3, train_people)
-  sft_eval = sft_dialogues(world, max(cfg.sft_dialogues // 20, 16), cfg.seed * 1000 + 4, held_out)
-  _write_jsonl(os.path.join(out, "sft", "train.jsonl"), sft_train)
-  _write_jsonl(os.path.join(out, "sft", "eval.jsonl"), sft_eval)
-  qa = qa_eval_set(held_out)
-  _write_jsonl(os.path.join(out, "sft", "questions.jsonl"), qa)
-  from data_pipelines import world_gatt  # it builds on this module's people and questions
-  gatt = world_gatt.gatt_files(world, cfg.gatt_dialogues, cfg.gatt_eval_dialogues,
-                               cfg.gatt_eval_turns, cfg.seed * 1000 + 5)
-  for relative, rows in gatt.items():
-    _write_jsonl(os.path.join(out, relative), rows)
-  summary = {"people": len(world.people), "towns": len(world.towns),
-             "train_documents": len(train), "eval_documents": len(evaluation),
-             "probes": len(probes), "sft_dialogues": len(sft_train), "qa_questions": len(qa),
-             "gatt_dialogues": len(gatt["gatt/dialogues.jsonl"]),
-             "gatt_eval_dialogues": len(gatt["gatt/eval.jsonl"]),
-             "config": dataclasses.asdict(cfg)}
-  from data_pipelines import world_preferences, world_safety  # they import this module
-  summary.update(world_preferences.write(out, world, cfg))
-  summary.update(world_safety.write(out, world, cfg))
-  tmp = os.path.join(out, "world.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
-  os.replace(tmp, os.path.join(out, "world.json"))
-  return summary
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description="Write the synthetic world's data.")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--size", default="tiny")
-  args = parser.parse_args(argv)
-  summary = write_world(args.out, WorldConfig.preset(args.size, args.seed))
-  print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
-
-
-if __name__ == "__main__":
-  main()

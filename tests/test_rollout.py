@@ -1,0 +1,132 @@
+"""The one rollout path and roles: plans, teacher-forced logprobs, ordering, head swaps, moves."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import checkpoints, configs, model, roles, rollout, sampling, sharding
+from lm.evals import chat as chat_evals
+
+CFG = configs.get_preset("tiny", compute_dtype="float32", param_dtype="float32")
+PROMPTS = [[1, 17, 33, 90, 4], [1, 250], [1, 5, 6, 7, 8, 9, 10, 11], [1, 40, 41], [1, 99, 98, 97],
+           [1, 3], [1, 64, 65, 66, 67, 68]]
+TRAIN_MESH = (1, 1, 8, 1)    # FSDP over 8 devices
+ROLLOUT_MESHES = {"replicated": (1, 8, 1, 1), "tensor_parallel": (1, 4, 1, 2)}
+
+
+def mesh_of(shape):
+  return sharding.make_mesh(sharding.MeshConfig(*shape))
+
+
+@pytest.fixture(scope="module")
+def policy():
+  return roles.create("policy", CFG, mesh_of(TRAIN_MESH), plan="fsdp_tp", seed=11)
+
+
+def greedy(max_new=6, eos=-1):
+  return sampling.SamplingConfig(temperature=0.0, max_new_tokens=max_new, eos_id=eos)
+
+
+@pytest.mark.parametrize("layout", sorted(ROLLOUT_MESHES))
+def test_the_same_samples_under_the_training_plan_and_a_rollout_plan(policy, layout):
+  cfg = sampling.SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=6, eos_id=-1)
+  trained = rollout.generate(policy, PROMPTS, cfg, jax.random.key(3), batch_size=8)
+  moved = roles.move(policy, mesh_of(ROLLOUT_MESHES[layout]), "rollout")
+  assert moved.plan == "rollout" and moved.params["output"].sharding.spec[0] is None
+  sampled = rollout.generate(moved, PROMPTS, cfg, jax.random.key(3), batch_size=8)
+  np.testing.assert_array_equal(sampled.tokens, trained.tokens)
+  # fp32; the two layouts reduce in another order across devices: rounding only.
+  np.testing.assert_allclose(sampled.logprobs, trained.logprobs, atol=1e-5)
+
+
+def teacher_forced_logprobs(role, samples):
+  rows = rollout.training_rows(samples, length=32)
+  logits, _ = jax.jit(lambda p, t, pos, seg: model.apply(
+      role.graphdef, p, t, positions=pos, segment_ids=seg))(
+          role.params, rows["tokens"], rows["positions"], rows["segment_ids"])
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  forced = np.take_along_axis(np.asarray(logp), rows["targets"][..., None], axis=-1)[..., 0]
+  return rows, forced
+
+
+def test_rollout_logprobs_equal_a_teacher_forced_pass_of_the_trainers_model(policy):
+  """So the first PPO ratio is exactly 1: the sampler's logprob of each token it drew (under
+  the model's temperature-1 distribution, whatever temperature drew it) is the training
+  forward pass's, on the training plan, to fp32 rounding."""
+  cfg = sampling.SamplingConfig(temperature=1.2, top_p=1.0, max_new_tokens=8, eos_id=-1)
+  samples = rollout.generate(roles.move(policy, policy.mesh, "rollout"), PROMPTS, cfg,
+                             jax.random.key(5), batch_size=4)
+  rows, forced = teacher_forced_logprobs(policy, samples)
+  mask = rows["answer_mask"] == 1
+  assert mask.sum() == samples.mask.sum() == len(PROMPTS) * 8
+  np.testing.assert_allclose(forced[mask], rows["logprobs"][mask], atol=1e-5)
+
+
+def test_bf16_rollout_logprobs_stay_near_the_fp32_teacher_forced_ones(policy):
+  """With bf16 compute (the real presets) the two passes round differently; stated here."""
+  bf16_cfg = configs.get_preset("tiny", compute_dtype="bfloat16")
+  role = roles.Role("policy", "lm", bf16_cfg, model.abstract_model(bf16_cfg)[0], policy.params,
+                    policy.mesh)
+  cfg = sampling.SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8, eos_id=-1)
+  samples = rollout.generate(role, PROMPTS, cfg, jax.random.key(5), batch_size=8)
+  rows, forced = teacher_forced_logprobs(policy, samples)
+  gap = np.abs(forced - rows["logprobs"])[rows["answer_mask"] == 1].max()
+  print(f"bf16 rollout vs fp32 teacher-forced logprobs: max |diff| = {gap:.4f}")
+  assert gap < 0.05  # measured 0.01-0.02 on the tiny model; fp32 agrees to 1e-5 (above)
+
+
+def test_batching_sorting_and_padding_change_nothing(policy):
+  """Rows come back in the prompts' order, each as it would alone, each stopping at its EOS."""
+  together = rollout.generate(policy, PROMPTS, greedy(), jax.random.key(0), batch_size=3,
+                              length_bucket=4)
+  for row, prompt in enumerate(PROMPTS):
+    alone = rollout.generate(policy, [prompt], greedy(), jax.random.key(0), batch_size=1,
+                             length_bucket=1)
+    assert together.answer(row) == alone.answer(0)
+  eos = together.tokens[2, 1]  # make row 2's second token the EOS
+  stopped = rollout.generate(policy, PROMPTS, greedy(eos=int(eos)), jax.random.key(0),
+                             batch_size=3)
+  assert stopped.answer(2) == together.answer(2)[:2] and stopped.finished[2]
+  assert stopped.mask[2].tolist() == [1, 1, 0, 0, 0, 0]
+
+
+def test_the_kv_cache_is_laid_out_by_the_plan():
+  mesh = mesh_of(ROLLOUT_MESHES["tensor_parallel"])  # data 4, tensor 2; tiny has 2 KV heads
+  with jax.set_mesh(mesh):
+    cache = jax.jit(lambda: model.init_cache(CFG, 8, 16, sharding.ROLLOUT_RULES))()
+  # [L, B, S, K, H]: rows over the batch axes, KV heads over `tensor`.
+  assert tuple(cache.k.sharding.spec)[:4] == (None, "data", None, "tensor")
+  assert tuple(cache.segment_ids.sharding.spec)[:1] == ("data",)
+
+
+def test_a_language_model_loads_as_a_scalar_model_and_back(policy, tmp_path):
+  checkpoints.save_model(tmp_path / "lm", jax.device_get(policy.params), CFG)
+  reward = roles.load("rm", str(tmp_path / "lm"), policy.mesh, head="scalar")
+  assert reward.head == "scalar" and "output" not in reward.params
+  np.testing.assert_array_equal(reward.params["score"], np.zeros(CFG.dim))
+  jax.tree.map(np.testing.assert_array_equal, reward.params["layers"],
+               jax.device_get(policy.params["layers"]))
+  # The same backbone: a zero head scores 0 everywhere; hidden states match the LM's.
+  scores, _ = model.apply(reward.graphdef, reward.params, jnp.asarray([PROMPTS[0]]))
+  np.testing.assert_array_equal(scores, 0.0)
+  checkpoints.save_model(tmp_path / "rm", jax.device_get(reward.params), CFG, head="scalar")
+  back = roles.load("policy", str(tmp_path / "rm"), policy.mesh, head="lm", seed=1)
+  assert back.params["output"].shape == (CFG.dim, CFG.vocab_size)
+  frozen = roles.load("ref", str(tmp_path / "lm"), policy.mesh, dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(frozen.params)} == {jnp.dtype("bfloat16")}
+  with pytest.raises(ValueError, match="unknown head 'value'"):
+    roles.load("v", str(tmp_path / "lm"), policy.mesh, head="value")
+
+
+def test_only_an_lm_head_generates(policy, tmp_path):
+  reward = roles.Role("rm", "scalar", CFG, None, None, policy.mesh)
+  with pytest.raises(ValueError, match="only an lm head generates"):
+    rollout.generate(reward, PROMPTS, greedy(), jax.random.key(0))
+
+
+def test_answers_match_whole_words_only():
+  assert chat_evals.contains_answer("Mira is 4 years old.", 4)
+  assert not chat_evals.contains_answer("Mira is 41 years old.", 4)
+  assert chat_evals.contains_answer("She lives in Velloran.", "velloran")
+  assert not chat_evals.contains_answer("She lives in Vellorana.", "Velloran")
