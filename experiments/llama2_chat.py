@@ -30,7 +30,9 @@ def sft_stage(preset: str) -> ml_collections.ConfigDict:
     cfg = sft.Config(
         tokenizer="",
         data=common.data(source="", seq_len=4096, eval_batches=4),
-        # 2 epochs of ~27.5k examples packed into 4096-token rows, 64 rows per step.
+        # 2 epochs over the packed rows: train.steps is derived from their count at run time
+        # (the value here only sizes `lm aot`'s schedule, which does not change the program).
+        epochs=2.0,
         train=common.train(steps=2 * SFT_EXAMPLES // 64, batch_size=64, log_every=10,
                            eval_every=100, checkpoint_every=100),
         optimizer=common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0))
@@ -54,7 +56,11 @@ def gatt_stage(preset: str) -> ml_collections.ConfigDict:
         sampling=gatt.Sampling(max_new_tokens=512, batch_size=64, samples_per_dialogue=1),
         eval=gatt.Eval(max_new_tokens=512, batch_size=64),
         train=common.train(steps=500, batch_size=64, log_every=10, checkpoint_every=100),
-        optimizer=common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0))
+        optimizer=common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0),
+        # The `rollout` plan replicates parameters over the fsdp axis, which on the training
+        # mesh is 1/4 of a 70B model per chip; until rollouts run on a mesh of their own, GAtt's
+        # sampling on the paper sizes keeps the training layout (`lm aot` checks it fits).
+        rollout_plan="fsdp_tp")
   else:
     cfg = gatt.Config(
         data=gatt.Data(source="world", seq_len=384, max_constraints=2, eval_batches=2),

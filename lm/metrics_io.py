@@ -34,12 +34,14 @@ class MetricsWriter:
     self._tb = SummaryWriter(os.path.join(workdir, "events"))
 
   def write(self, step: int, metrics: dict, prefix: str) -> None:
+    """One row of the scalars in `metrics` (lists, e.g. adherence by turn, go to metrics.json)."""
     if not self.enabled:
       return
-    row = {"step": step, "kind": prefix, **{k: float(v) for k, v in metrics.items()}}
+    scalars = {k: float(v) for k, v in metrics.items() if not isinstance(v, (list, tuple, dict))}
+    row = {"step": step, "kind": prefix, **scalars}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
-    for key, value in metrics.items():
+    for key, value in scalars.items():
       self._tb.add_scalar(f"{prefix}/{key}", float(value), step)
     self._tb.flush()
 

@@ -158,6 +158,7 @@ class Conversation:
 class Reply:
   text: str
   finished: bool  # ended with EOS within the token budget
+  tokens: int = 0  # generated, EOS included
 
 
 def converse(role: Role, tokenizer: Tokenizer, conversations: Sequence[Conversation],
@@ -178,7 +179,8 @@ def converse(role: Role, tokenizer: Tokenizer, conversations: Sequence[Conversat
         turn, [r.text for r in replies[i]])).tokens.tolist() for i in active]
     samples = generate(role, prompts, cfg, jax.random.fold_in(rng, turn),
                        batch_size=batch_size, length_bucket=length_bucket)
-    for index, text, finished in zip(active, decode(samples, tokenizer), samples.finished):
-      replies[index].append(Reply(text, bool(finished)))
+    for index, text, finished, length in zip(active, decode(samples, tokenizer),
+                                             samples.finished, samples.lengths):
+      replies[index].append(Reply(text, bool(finished), int(length)))
     log(f"turn {turn + 1}/{turns}: {len(active)} replies")
   return replies

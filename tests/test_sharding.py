@@ -65,3 +65,24 @@ if __name__ == "__main__" and "--regenerate" in sys.argv:
     with open(os.path.join(GOLDEN, f"sharding_{plan}.json"), "w") as f:
       json.dump(specs(plan), f, indent=1, sort_keys=True)
       f.write("\n")
+
+
+def test_plans_are_chosen_by_name():
+  assert sharding.plan_rules("fsdp_tp") == sharding.DEFAULT_RULES
+  mesh = jax.sharding.AbstractMesh((1, 1, 16, 4), sharding.MESH_AXES)
+  fsdp = model.param_specs(configs.PRESETS["70b"], mesh, sharding.plan_rules("fsdp"))
+  rollout = model.param_specs(configs.PRESETS["70b"], mesh, sharding.plan_rules("rollout"))
+  flat = lambda tree: json.dumps(jax.tree.map(tuple, tree))  # noqa: E731
+  assert "tensor" not in flat(fsdp) and "fsdp" in flat(fsdp)
+  assert "fsdp" not in flat(rollout) and "tensor" in flat(rollout)
+  with pytest.raises(ValueError, match="unknown sharding plan 'zero3'"):
+    sharding.plan_rules("zero3")
+
+
+def test_a_model_keeps_its_plan_in_its_graphdef():
+  """The plan is part of the jit cache key: models split under two plans are two graphdefs."""
+  cfg = configs.get_preset("tiny")
+  train, _ = model.abstract_model(cfg, "lm", sharding.plan_rules("fsdp_tp"))
+  rollout, _ = model.abstract_model(cfg, "lm", sharding.plan_rules("rollout"))
+  again, _ = model.abstract_model(cfg, "lm", sharding.plan_rules("fsdp_tp"))
+  assert train != rollout and train == again and hash(train) == hash(again)

@@ -297,6 +297,7 @@ class GhostAttention:
                                  cfg.data.keep_only_adherent, groups)
     tested = [r for r in sampled_rates if r is not None]
     counts["adherence_while_sampling"] = float(np.mean(tested)) if tested else 0.0
+    counts["generated_tokens"] = sum(r.tokens for reply in replies for r in reply)
     return rows, counts
 
   def evaluate(self, policy: Role) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Callable, Protocol
 
 import numpy as np
@@ -69,7 +70,13 @@ def generated_rows(stage: Distillation, ctx, policy: roles.Role, log) -> tuple[l
   if os.path.exists(data_path) and os.path.exists(counts_path):
     log(f"stages.{ctx.name}: reusing the generated data {data_path}")
     return read_jsonl(data_path), json.load(open(counts_path))
+  start = time.perf_counter()
   rows, counts = stage.generate(policy, log)
+  # Generation-heavy stages show rollout time apart from the update's (the progress line).
+  counts["generation_seconds"] = time.perf_counter() - start
+  if counts.get("generated_tokens"):
+    counts["generation_tokens_per_second"] = counts["generated_tokens"] / counts[
+        "generation_seconds"]
   write_jsonl(data_path, rows)
   checkpoints.write_atomically(counts_path, json.dumps(counts, indent=2) + "\n")
   return rows, counts

@@ -14,6 +14,7 @@ in init_from (`lm aot` follows init_from through the experiment to find its shap
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from data_pipelines import chat as chat_data
@@ -36,6 +37,16 @@ class Config:
   z_loss: float = 0.0
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
+  # > 0: train this many passes over the packed rows, overriding train.steps (the paper: 2).
+  epochs: float = 0.0
+
+
+def train_steps(cfg: Config, packed_rows: int) -> int:
+  """Optimizer steps: `epochs` passes over the packed rows (several examples share a row), or
+  train.steps when epochs is 0."""
+  if cfg.epochs <= 0:
+    return cfg.train.steps
+  return max(1, math.ceil(cfg.epochs * packed_rows / cfg.train.batch_size))
 
 
 def _source(cfg: Config, ctx, split: str) -> str:
@@ -97,8 +108,10 @@ def run(cfg: Config, ctx) -> dict:
   model_cfg, init_dir, tokenizer_path = kit.chat_start(cfg, ctx, "a pretrained model")
   tokenizer = Tokenizer(tokenizer_path)
   mesh = ctx.mesh()
-  tr = kit.build_trainer(cfg, model_cfg, mesh, where)
   train_rows, (report, bad) = packed(cfg, ctx, tokenizer, "train")
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+      cfg.train, steps=train_steps(cfg, report.rows)))
+  tr = kit.build_trainer(cfg, model_cfg, mesh, where)
   data = text.PackedBatches(train_rows, text.PackingConfig(
       cfg.data.seq_len, tr.cfg.batch_size, ctx.seed, tr.process_rows(tr.cfg.batch_size)))
   policy = roles.load("policy", init_dir, mesh, head="lm", plan=cfg.plan, trainable=True)
@@ -111,6 +124,7 @@ def run(cfg: Config, ctx) -> dict:
                      seq_len=cfg.data.seq_len)
   result.update(before)
   result.update(packed_examples=report.examples, packed_rows=report.rows, row_fill=report.fill,
+                train_steps=tr.cfg.steps,
                 **kit.dropped(bad))
   return result
 
