@@ -104,6 +104,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh.tensor = 4
   if preset == "test":
     c.stages.world.size = "test"
-    c.stages.pretrain.train.steps = 100
+    # 160 steps: the pipeline tests read fact completion off this run too (0.31 at 100 steps,
+    # 0.44 at 160, against 0.19 for guessing the right kind of word; measured, 2-core CPU).
+    c.stages.pretrain.train.steps = 160
   c.pipeline = tuple(c.pipeline) + ("sft", "gatt")
   return c
