@@ -109,16 +109,16 @@ def compile_program(program: str, fn, args: tuple, mesh, topology: str,
 
 
 def stage_model(config, stage: str) -> ModelConfig:
-  """The model a stage trains: its own `model` section, or, for a stage that starts from another
+  """The model a stage trains, as `lm run` resolves it: for a stage that starts from another
   (`init_from`), that stage's model, followed through the experiment (or read from a model
-  directory when init_from is a path)."""
+  directory when init_from is a path); otherwise its own `model` section."""
   seen = []
   while True:
     section = config.stages[stage]
-    if "model" in section:
+    source = section.get("init_from", "")
+    if not source and "model" in section:
       return config_utils.from_config(ModelConfig, section.model, f"stages.{stage}.model")
     seen.append(stage)
-    source = section.get("init_from", "")
     if source in config.stages and source not in seen:
       stage = source
     elif source and os.path.isdir(source):

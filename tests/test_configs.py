@@ -7,6 +7,9 @@ from lm import configs
 
 @pytest.mark.parametrize("name, expected", [
     ("7b", 6_738_415_616), ("13b", 13_015_864_320), ("70b", 68_976_648_192),
+    # Llama 2 34B was not released; Code Llama 34B has its shape (dim 8192, 48 layers, GQA 64/8,
+    # ffn 22016, vocab 32000) and 33,743,970,304 parameters.
+    ("34b", 33_743_970_304),
 ])
 def test_parameter_counts_match_the_released_models(name, expected):
   assert configs.param_count(configs.PRESETS[name]) == expected

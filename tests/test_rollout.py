@@ -73,7 +73,9 @@ def test_bf16_rollout_logprobs_stay_near_the_fp32_teacher_forced_ones(policy):
   rows, forced = teacher_forced_logprobs(policy, samples)
   gap = np.abs(forced - rows["logprobs"])[rows["answer_mask"] == 1].max()
   print(f"bf16 rollout vs fp32 teacher-forced logprobs: max |diff| = {gap:.4f}")
-  assert gap < 0.05  # measured 0.01-0.02 on the tiny model; fp32 agrees to 1e-5 (above)
+  # Measured 0.0019 on the tiny model (fp32 agrees to 1e-5, above). bf16 keeps 8 bits of
+  # mantissa (relative 2^-8 = 0.004) on logits of a few units: 0.02 bounds that rounding.
+  assert gap < 0.02
 
 
 def test_batching_sorting_and_padding_change_nothing(policy):

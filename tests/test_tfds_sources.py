@@ -152,9 +152,7 @@ def test_a_catalog_text_field_other_than_text(tmp_path):
 
 
 def test_a_stage_reads_a_tfds_source_as_it_reads_the_files(tmp_path):
-  import ml_collections
-
-  from lm.stages import data_sources
+  from lm.stages import data_sources, kit
   from lm.tokenizer import train_tokenizer
   docs = [f"Mira{i} lives in Velloran and keeps {i} foxes." for i in range(300)]
   jsonl(tmp_path / "c" / "train.jsonl", [{"text": d} for d in docs])
@@ -162,8 +160,7 @@ def test_a_stage_reads_a_tfds_source_as_it_reads_the_files(tmp_path):
   tfds_sources.build("text", str(tmp_path / "c"), str(tmp_path / "dd"), "stage_corpus")
   batches = {}
   for source in (str(tmp_path / "c"), "tfds:stage_corpus@train"):
-    cfg = ml_collections.ConfigDict(dict(source=source, seq_len=32, data_dir=str(tmp_path / "dd"),
-                                         skip_bad_rows=False))
+    cfg = kit.DataConfig(source=source, seq_len=32, data_dir=str(tmp_path / "dd"))
     stream = data_sources.pretrain_batches(cfg, tokenizer.path, tokenizer.vocab_size, 4, (0, 4),
                                            0, {})
     batches[source] = next(stream)["tokens"]

@@ -1,6 +1,5 @@
 """The trainer: accumulation, non-finite skips, schedules, and exact resume after any interruption."""
 
-import json
 import os
 import signal
 import subprocess
@@ -105,6 +104,28 @@ def test_adamw_matches_optax_reference():
   u1, _ = ours.update(grads, ours.init(params), params)
   u2, _ = reference.update(grads, reference.init(params), params)
   np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+
+
+def test_gradients_are_clipped_to_global_norm_one_before_adamw():
+  """LLAMA2.md §3.2: clip 1.0. Adam's first update hides a clip (it divides by |g|), so two steps
+  with a huge then a small gradient: the moments remember the clipped size."""
+  cfg = optim.OptimizerConfig(lr=1e-2, schedule="constant", warmup_steps=0)
+  assert cfg.grad_clip == 1.0
+  ours = optim.make_optimizer(cfg, 100)
+  reference = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1))
+  unclipped = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1)
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  grads = [{"w": jnp.full((2, 3), 40.0)}, {"w": jnp.full((2, 3), -0.2)}]  # norms 98, 0.49
+
+  def second_update(tx):
+    state = tx.init(params)
+    for g in grads:
+      update, state = tx.update(g, state, params)
+    return update["w"]
+
+  np.testing.assert_allclose(second_update(ours), second_update(reference), rtol=1e-6)
+  assert not np.allclose(second_update(ours), second_update(unclipped), rtol=1e-2)
 
 
 def test_weight_decay_can_exempt_norm_gains():

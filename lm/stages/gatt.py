@@ -265,11 +265,8 @@ class GhostAttention:
   def __init__(self, cfg: Config, ctx, inputs: Inputs):
     self.cfg, self.ctx, self.inputs = cfg, ctx, inputs
     self.encode = encode_last_turn(inputs.tokenizer)
-    questions_path = _world_file(cfg, ctx, "sft/questions.jsonl")
-    self.answer_evals = sft.answer_evals(
-        questions_path and sft.world_questions(cfg.data.source, ctx), inputs.tokenizer,
-        cfg.rollout_plan)
-    self.evaluations = 0
+    self.answer_evals = sft.answer_evals(sft.world_questions(cfg.data.source, ctx),
+                                         inputs.tokenizer, cfg.rollout_plan)
 
   def generate(self, policy: Role, log) -> tuple[list[dict], dict]:
     """Steps 1-3: instructions drawn, replies sampled with them appended, examples built."""
@@ -300,12 +297,11 @@ class GhostAttention:
     counts["generated_tokens"] = sum(r.tokens for reply in replies for r in reply)
     return rows, counts
 
-  def evaluate(self, policy: Role) -> dict:
-    """Adherence by turn (greedy) on the eval set, and answer accuracy on held-out questions."""
-    name = "adherence_before.jsonl" if self.evaluations == 0 else "adherence_after.jsonl"
-    self.evaluations += 1
-    metrics = _flat(measure_adherence(self.cfg, self.inputs, policy,
-                                      os.path.join(self.ctx.directory, name)))
+  def evaluate(self, policy: Role, when: str) -> dict:
+    """Adherence by turn (greedy) on the eval set, and answer accuracy on held-out questions;
+    the conversations go to DIR/adherence_<when>.jsonl."""
+    metrics = _flat(measure_adherence(self.cfg, self.inputs, policy, os.path.join(
+        self.ctx.directory, f"adherence_{when}.jsonl")))
     metrics.update(self.answer_evals(policy))
     return metrics
 
@@ -323,8 +319,6 @@ def measure_adherence(cfg: Config, inputs: Inputs, policy: Role, path: str
 def run(cfg: Config, ctx, log=print) -> dict:
   inputs = validate(cfg, ctx)
   stage = GhostAttention(cfg, ctx, inputs)
-  if os.path.exists(os.path.join(ctx.directory, self_distill.BEFORE_FILE)):
-    stage.evaluations = 1  # the before transcripts exist; the next evaluation is "after"
   result, before, after = self_distill.run(cfg, ctx, stage, inputs.init_dir,
                                            inputs.tokenizer_path, log)
   if result.get("preempted"):

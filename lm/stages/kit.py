@@ -49,10 +49,9 @@ def resolve_tokenizer(reference: str, ctx: common.StageContext) -> str | None:
   return reference
 
 
-def resolve_start(init_from: str, ctx: common.StageContext, head: str = "lm"
-                  ) -> tuple[configs.ModelConfig, str]:
-  """(ModelConfig, directory) of the model a stage starts from; any head loads as `head`
-  (lm/roles.py swaps it), so only a missing or unreadable directory is an error."""
+def resolve_start(init_from: str, ctx: common.StageContext) -> tuple[configs.ModelConfig, str]:
+  """(ModelConfig, directory) of the model a stage starts from. Its head does not matter: a
+  role loads any checkpoint with the head it needs (lm/roles.py swaps it)."""
   source = ctx.output_of(init_from)
   model_cfg, _ = checkpoints.read_model_info(source)
   return model_cfg, source

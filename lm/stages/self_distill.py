@@ -42,8 +42,9 @@ class Distillation(Protocol):
   def encode(self, messages: list[dict]) -> EncodedDialog:
     """A row's tokens and loss mask."""
 
-  def evaluate(self, policy: roles.Role) -> dict:
-    """Generation-based metrics of a (rollout-plan) policy: flat numbers, lists allowed."""
+  def evaluate(self, policy: roles.Role, when: str) -> dict:
+    """Generation-based metrics of a (rollout-plan) policy, `when` "before" or "after"
+    training: flat numbers, lists allowed."""
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -97,7 +98,7 @@ def run(cfg, ctx: common.StageContext, stage: Distillation, init_dir: str, token
     raise ValueError(f"{where}: no example survived generation and filtering ({counts}); "
                      f"there is nothing to fine-tune on")
   before = _cached(os.path.join(ctx.directory, BEFORE_FILE),
-                   lambda: stage.evaluate(kit.rollout_role(policy, cfg.rollout_plan)))
+                   lambda: stage.evaluate(kit.rollout_role(policy, cfg.rollout_plan), "before"))
 
   held_out = max(1, int(len(rows) * cfg.data.eval_fraction))
   order = np.random.default_rng(ctx.seed).permutation(len(rows))
@@ -118,7 +119,7 @@ def run(cfg, ctx: common.StageContext, stage: Distillation, init_dir: str, token
 
   def evaluate_after(role: roles.Role) -> dict:
     after.clear()
-    after.update(stage.evaluate(kit.rollout_role(role, cfg.rollout_plan)))
+    after.update(stage.evaluate(kit.rollout_role(role, cfg.rollout_plan), "after"))
     return after
 
   evaluate = kit.make_evaluate(policy, [tr.put_batch(b) for b in batches], evaluate_after)
