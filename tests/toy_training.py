@@ -23,6 +23,7 @@ if __name__ == "__main__":
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_devices}"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,7 +111,6 @@ def train_outer_loop(workdir: str, steps: int) -> dict:
 
   tr, mesh = make_trainer(steps, loss_fn=loss_fn, checkpoint_every=4, batch_size=half)
   reference = model.create(CFG, mesh, seed=0)[1]
-  import jax
   predict = jax.jit(lambda p, t: jnp.argmax(model.apply(graphdef, p, t)[0], -1))
   position = Iterations()
   with trainer.Session(tr, workdir, params=lambda: model.create(CFG, mesh, seed=0)[1],
@@ -135,7 +135,6 @@ def main(argv):
   workdir, steps = argv[1], int(argv[2])
   options = dict(zip(argv[3::2], map(int, argv[4::2])))
   if "--process-id" in options:
-    import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{options['--port']}", num_processes=2,
                                process_id=options["--process-id"])
