@@ -9,6 +9,17 @@ families of the same kinds whose obedience a few lines of code can check:
   closing   "Always end your answer with Farewell."  terse "Closing: Farewell."
   persona   "Always act as Captain Vo and sign..."   terse "Figure: Captain Vo."
   hobby     "You enjoy chess."                       terse "Hobby: chess."
+  language  "Always answer in Zemlic."               terse "Language: Zemlic."
+
+Zemlic is the world's made-up second language: a word-for-word cipher of the words the world's
+answers are made of (names, towns, numbers and other values stay as they are), so a checker can
+tell it by vocabulary: a reply obeys when it uses Zemlic words and none of the English words they
+stand for.
+
+Each family's values are split in two: `default_bank()` (GAtt samples and trains on these) and
+`held_out_bank()` (new personas, hobbies, openings and closings that GAtt never sees; SFT uses
+both inline, so the model can follow them within one turn). Adherence on held-out values measures
+whether GAtt taught keeping *an* instruction rather than the values its sample filter selected.
 
 A `Constraint` knows its text, how to rewrite a plain answer so it obeys (to write SFT data with
 correct answers), and how to check a reply. A checker returns None when the turn does not test the
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import Sequence
 
 from data_pipelines.text import DataError, jsonl_rows
@@ -34,17 +46,48 @@ OPENINGS = ("Indeed", "Well", "Listen")
 CLOSINGS = ("Farewell.", "Cheers.", "Good day.")
 PERSONAS = ("Captain Vo", "Doctor Yun", "Queen Hesh")
 HOBBIES = ("fishing", "chess", "singing", "tennis")
+LANGUAGES = ("Zemlic",)
+# Values GAtt never trains on (see the module docstring).
+HELD_OUT_OPENINGS = ("Surely",)
+HELD_OUT_CLOSINGS = ("Be well.",)
+HELD_OUT_PERSONAS = ("Sister Ama", "Baron Kell")
+HELD_OUT_HOBBIES = ("rowing", "painting")
+
+# English word -> Zemlic word, for every word of the world's answer templates.
+ZEMLIC = {
+    "lives": "dorva", "in": "ek", "keeps": "mahu", "a": "u", "the": "lo", "favourite": "bressa",
+    "colour": "tinko", "of": "ri", "is": "sa", "years": "jarin", "old": "vetu", "works": "fendo",
+    "as": "ko", "i": "mi", "enjoy": "lupa", "answering": "respen", "questions": "kwesti",
+}
+_ZEMLIC_WORDS = frozenset(ZEMLIC.values())
 
 HOBBY_QUESTIONS = ("What do you enjoy doing?", "What is your hobby?", "What do you like to do?")
 DEFAULT_HOBBY_ANSWER = "I enjoy answering questions."
 
 # Families that act on the same part of a reply cannot be combined (a reply has one ending).
-GROUPS = {"style": "style", "opening": "opening", "closing": "ending", "persona": "ending",
-          "hobby": "hobby"}
+# A language rewrites every word, so it excludes the styles rather than stacking on them.
+GROUPS = {"style": "style", "language": "style", "opening": "opening", "closing": "ending",
+          "persona": "ending", "hobby": "hobby"}
 
 
 def is_hobby_question(question: str) -> bool:
   return question.strip() in HOBBY_QUESTIONS
+
+
+def _words(text: str) -> list[str]:
+  return re.findall(r"[a-z]+", text.lower())
+
+
+def translate(reply: str, language: str = "Zemlic") -> str:
+  """The reply word for word in `language`; words outside its table (names, values) are kept."""
+  del language  # one made-up language so far; the argument names which
+  def word(match):
+    english = match.group(0)
+    foreign = ZEMLIC.get(english.lower())
+    if foreign is None:
+      return english
+    return foreign.capitalize() if english[0].isupper() else foreign
+  return re.sub(r"[A-Za-z]+", word, reply)
 
 
 def _has_letters(text: str) -> bool:
@@ -70,6 +113,8 @@ class Constraint:
                        f"checkers: {sorted(CHECKERS)}")
     if self.family == "style" and self.value not in STYLES:
       raise ValueError(f"style {self.value!r} has no checker; styles: {STYLES}")
+    if self.family == "language" and self.value not in LANGUAGES:
+      raise ValueError(f"language {self.value!r} has no word list; languages: {LANGUAGES}")
     if not str(self.value).strip():
       raise ValueError(f"instruction family {self.family!r} needs a non-empty value")
 
@@ -94,9 +139,11 @@ _FULL = {
     "closing": "Always end your answer with {value}",
     "persona": "Always act as {value} and sign your answers.",
     "hobby": "You enjoy {value}.",
+    "language": "Always answer in {value}.",
 }
 _TERSE = {"style": "Style: {value}.", "opening": "Opening: {value}.", "closing": "Closing: {value}",
-          "persona": "Figure: {value}.", "hobby": "Hobby: {value}."}
+          "persona": "Figure: {value}.", "hobby": "Hobby: {value}.",
+          "language": "Language: {value}."}
 _FULL_STYLE = {"capitals": "Always answer in capital letters.",
                "lower case": "Always answer in lower case."}
 
@@ -125,8 +172,13 @@ def _check_hobby(value, question, reply):
   return value.lower() in _plain(reply)
 
 
+def _check_language(value, question, reply):
+  words = set(_words(reply))
+  return bool(words & _ZEMLIC_WORDS) and not words & ZEMLIC.keys()
+
+
 CHECKERS = {"style": _check_style, "opening": _check_opening, "closing": _check_closing,
-            "persona": _check_persona, "hobby": _check_hobby}
+            "persona": _check_persona, "hobby": _check_hobby, "language": _check_language}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +203,8 @@ class Instruction:
     families = {c.family: c.value for c in self.constraints}
     if "hobby" in families and is_hobby_question(question):
       reply = f"I enjoy {families['hobby']}."
+    if "language" in families:
+      reply = translate(reply, families["language"])
     if "opening" in families:
       reply = f"{families['opening']}, {reply}"
     if "closing" in families:
@@ -172,12 +226,22 @@ class Instruction:
 
 
 def default_bank() -> list[Constraint]:
-  """Every constraint of the miniature world's families."""
+  """The constraints GAtt trains on: every family of the miniature world."""
   bank = [Constraint("style", s, text=_FULL_STYLE[s]) for s in STYLES]
+  bank += [Constraint("language", v) for v in LANGUAGES]
   bank += [Constraint("opening", w) for w in OPENINGS]
   bank += [Constraint("closing", p) for p in CLOSINGS]
   bank += [Constraint("persona", p) for p in PERSONAS]
   bank += [Constraint("hobby", h) for h in HOBBIES]
+  return bank
+
+
+def held_out_bank() -> list[Constraint]:
+  """Values GAtt never trains on: new openings, closings, personas and hobbies."""
+  bank = [Constraint("opening", w) for w in HELD_OUT_OPENINGS]
+  bank += [Constraint("closing", p) for p in HELD_OUT_CLOSINGS]
+  bank += [Constraint("persona", p) for p in HELD_OUT_PERSONAS]
+  bank += [Constraint("hobby", h) for h in HELD_OUT_HOBBIES]
   return bank
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "constant", "linear")

@@ -145,10 +145,11 @@ class Conversation:
     question = self.questions[turn]
     return f"{question} {self.appended}" if self.appended else question
 
-  def messages(self, turn: int, replies: Sequence[str]) -> list[dict]:
-    """The dialog up to user turn `turn` (0-based), with `replies` as the earlier answers."""
+  def messages(self, turn: int, replies: Sequence[str], first: int = 0) -> list[dict]:
+    """The dialog up to user turn `turn` (0-based), with `replies` as the earlier answers; the
+    history starts at turn `first` (the system message is always kept)."""
     messages = [{"role": "system", "content": self.system}] if self.system else []
-    for t in range(turn):
+    for t in range(first, turn):
       messages += [{"role": "user", "content": self.user_text(t)},
                    {"role": "assistant", "content": replies[t] or "..."}]
     return messages + [{"role": "user", "content": self.user_text(turn)}]
@@ -159,28 +160,45 @@ class Reply:
   text: str
   finished: bool  # ended with EOS within the token budget
   tokens: int = 0  # generated, EOS included
+  dropped_turns: int = 0  # earliest turns left out of the history to fit the prompt budget
+
+
+def fitting_prompt(tokenizer: Tokenizer, conversation: Conversation, turn: int,
+                   replies: Sequence[str], max_prompt_tokens: int | None) -> tuple[list[int], int]:
+  """(prompt tokens, dropped turns): the turn's prompt with the fewest earliest turns left out
+  that brings it within `max_prompt_tokens` (the system message always stays), as a chat
+  deployment keeps a long conversation inside its context window."""
+  for first in range(turn + 1):
+    tokens = tokenizer.encode_dialog(conversation.messages(turn, replies, first)).tokens
+    if max_prompt_tokens is None or len(tokens) <= max_prompt_tokens:
+      return tokens.tolist(), first
+  raise ValueError(f"turn {turn + 1} of the conversation starting {conversation.questions[0]!r}: "
+                   f"the system message and the user turn alone are {len(tokens)} tokens, over "
+                   f"the prompt budget of {max_prompt_tokens}")
 
 
 def converse(role: Role, tokenizer: Tokenizer, conversations: Sequence[Conversation],
              cfg: sampling.SamplingConfig, rng: jax.Array, *, batch_size: int = 64,
-             length_bucket: int = LENGTH_BUCKET,
+             length_bucket: int = LENGTH_BUCKET, max_prompt_tokens: int | None = None,
              log: Callable[[str], None] = lambda text: None) -> list[list[Reply]]:
   """Plays every conversation to its last turn, each reply sampled with the conversation's own
   earlier replies in its history; returns replies[conversation][turn].
 
   Turn t of all conversations is one `generate` call (rng folded with t); `cfg.eos_id` must be
-  the tokenizer's.
+  the tokenizer's. With `max_prompt_tokens`, a history that outgrows it loses its earliest turns
+  (`fitting_prompt`; each reply records how many).
   """
   replies: list[list[Reply]] = [[] for _ in conversations]
   turns = max((len(c.questions) for c in conversations), default=0)
   for turn in range(turns):
     active = [i for i, c in enumerate(conversations) if turn < len(c.questions)]
-    prompts = [tokenizer.encode_dialog(conversations[i].messages(
-        turn, [r.text for r in replies[i]])).tokens.tolist() for i in active]
-    samples = generate(role, prompts, cfg, jax.random.fold_in(rng, turn),
-                       batch_size=batch_size, length_bucket=length_bucket)
-    for index, text, finished, length in zip(active, decode(samples, tokenizer),
-                                             samples.finished, samples.lengths):
-      replies[index].append(Reply(text, bool(finished), int(length)))
+    fitted = [fitting_prompt(tokenizer, conversations[i], turn, [r.text for r in replies[i]],
+                             max_prompt_tokens) for i in active]
+    samples = generate(role, [prompt for prompt, _ in fitted], cfg,
+                       jax.random.fold_in(rng, turn), batch_size=batch_size,
+                       length_bucket=length_bucket)
+    for index, text, finished, length, (_, dropped) in zip(
+        active, decode(samples, tokenizer), samples.finished, samples.lengths, fitted):
+      replies[index].append(Reply(text, bool(finished), int(length), dropped))
     log(f"turn {turn + 1}/{turns}: {len(active)} replies")
   return replies

@@ -1,6 +1,5 @@
 """The chat session: history in the exact format, trimming, streaming, and the `lm chat` REPL."""
 
-import io
 import os
 import subprocess
 import sys

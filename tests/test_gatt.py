@@ -1,5 +1,6 @@
 """GAtt: last-turn loss, training rows, adherence by turn, batched conversations, bad input."""
 
+import dataclasses
 import json
 
 import jax
@@ -103,6 +104,38 @@ def test_batched_conversations_equal_one_chat_session_each(tk):
     assert [r.text for r in got] == expected
 
 
+def test_long_histories_lose_their_earliest_turns_and_keep_the_system_message(tk):
+  conversation = rollout.Conversation(tuple(f"Where does Mira{i} live?" for i in range(6)),
+                                      system="Style: capitals.")
+  replies = [f"MIRA{i} LIVES IN VELLORAN, FAR AWAY." for i in range(5)]
+  full = len(tk.encode_dialog(conversation.messages(5, replies)).tokens)
+  assert rollout.fitting_prompt(tk, conversation, 5, replies, full) == (
+      tk.encode_dialog(conversation.messages(5, replies)).tokens.tolist(), 0)
+  for budget in (full - 1, full // 2):
+    prompt, dropped = rollout.fitting_prompt(tk, conversation, 5, replies, budget)
+    assert 0 < dropped < 5 and len(prompt) <= budget
+    # the fewest turns dropped: one fewer would not fit
+    assert len(tk.encode_dialog(conversation.messages(5, replies, dropped - 1)).tokens) > budget
+    assert prompt == tk.encode_dialog(conversation.messages(5, replies, dropped)).tokens.tolist()
+    text = tk.decode(prompt)
+    assert "Style: capitals." in text and "Mira5" in text and "Mira0" not in text
+  alone = len(tk.encode_dialog(conversation.messages(5, replies, 5)).tokens)
+  with pytest.raises(ValueError, match="turn 6 .* over the prompt budget"):
+    rollout.fitting_prompt(tk, conversation, 5, replies, alone - 1)
+
+
+def test_an_eval_row_with_an_unknown_split_fails_with_file_and_line(tmp_path):
+  path = tmp_path / "eval.jsonl"
+  row = {"instruction": ins.Instruction((ins.Constraint("hobby", "chess"),)).to_json(),
+         "questions": ["What is your hobby?"]}
+  path.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, split="heldout")) + "\n")
+  with pytest.raises(DataError, match="eval.jsonl:2: split must be one of"):
+    adherence.load_eval_set(str(path))
+  path.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, split="held_out")) + "\n")
+  evals = adherence.load_eval_set(str(path))
+  assert evals.splits == ["in_distribution", "held_out"] and len(evals.split("held_out")) == 1
+
+
 @pytest.fixture()
 def stage(tk, tmp_path):
   """A GAtt stage config and context over a model directory with no weights: validation must
@@ -130,13 +163,23 @@ def test_valid_inputs_pass_validation(stage):
   inputs = gatt.validate(cfg, ctx)
   assert inputs.bank == ins.default_bank()
   assert inputs.questions == [tuple(m["content"] for m in DIALOG[1::2])]
-  assert len(inputs.eval_set[1]) == 1
+  assert len(inputs.eval_set) == 1
+
+
+def test_gatt_can_start_from_any_earlier_chat_stage(stage):
+  """GAtt after RLHF, as in the paper: init_from names whichever stage came last."""
+  cfg, ctx, _ = stage
+  ctx = dataclasses.replace(ctx, outputs=dict(ctx.outputs, ppo_v5=ctx.outputs["sft"]))
+  inputs = gatt.validate(dataclasses.replace(cfg, init_from="ppo_v5"), ctx)
+  assert inputs.init_dir == ctx.outputs["ppo_v5"]
+  with pytest.raises(ValueError, match="ppo_v6"):
+    gatt.validate(dataclasses.replace(cfg, init_from="ppo_v6"), ctx)
 
 
 def test_a_bank_family_without_a_checker_fails_before_compute(stage):
   cfg, ctx, data = stage
-  (data / "instructions.jsonl").write_text('{"family": "language", "value": "French"}\n')
-  with pytest.raises(DataError, match=r"instructions.jsonl:1: .*'language' has no checker"):
+  (data / "instructions.jsonl").write_text('{"family": "rhyme", "value": "always"}\n')
+  with pytest.raises(DataError, match=r"instructions.jsonl:1: .*'rhyme' has no checker"):
     gatt.run(cfg, ctx)
 
 

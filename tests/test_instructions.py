@@ -32,6 +32,13 @@ def _instruction(*pairs, terse=False):
     ("hobby", "chess", "What is your hobby?", "I enjoy chess.", True),
     ("hobby", "chess", "What is your hobby?", "I enjoy answering questions.", False),
     ("hobby", "chess", "Where does Rani live?", "Rani lives in Dazofa.", None),  # not tested
+    ("language", "Zemlic", "Where does Rani live?", "Rani dorva ek Dazofa.", True),
+    ("language", "Zemlic", "Where does Rani live?", "Indeed, Rani dorva ek Dazofa. - Sister Ama",
+     True),
+    ("language", "Zemlic", "Where does Rani live?", "Rani lives in Dazofa.", False),
+    ("language", "Zemlic", "Where does Rani live?", "Rani dorva in Dazofa.", False),  # mixed
+    ("language", "Zemlic", "How old is Rani?", "Rani 42.", False),  # no Zemlic word at all
+    ("language", "Zemlic", "What is your hobby?", "Mi lupa chess.", True),
 ])
 def test_each_checker_on_hand_written_replies(family, value, question, reply, verdict):
   assert ins.Constraint(family, value).check(question, reply) is verdict
@@ -76,7 +83,8 @@ def test_instruction_round_trips_through_json():
 
 
 @pytest.mark.parametrize("line, error", [
-    ('{"family": "language", "value": "French"}', "'language' has no checker"),
+    ('{"family": "haiku", "value": "always"}', "'haiku' has no checker"),
+    ('{"family": "language", "value": "French"}', "language 'French' has no word list"),
     ('{"family": "style", "value": "haiku"}', "style 'haiku' has no checker"),
     ('{"family": "hobby"}', "needs 'family' and 'value'"),
     ('{"family": "hobby", "value": "chess", "colour": "red"}', "unknown instruction field"),
@@ -127,12 +135,38 @@ def world_answer(w, question):
   return None
 
 
+def test_zemlic_translates_every_template_word_and_keeps_values():
+  assert ins.translate("The favourite colour of Rani is blue.") == "Lo bressa tinko ri Rani sa blue."
+  assert ins.translate("I enjoy answering questions.") == "Mi lupa respen kwesti."
+  w = world.make_world(world.WorldConfig.preset("test"))
+  for person in w.people:  # every answer the world writes is fully translatable
+    for index in range(len(world.QUESTIONS)):
+      _, answer, _ = world.question_answer(person, index)
+      assert ins.Constraint("language", "Zemlic").check("?", ins.translate(answer)), answer
+
+
+def test_held_out_values_are_in_sft_and_the_eval_set_but_never_in_gatt_data():
+  held_out = {c.value for c in ins.held_out_bank()}
+  assert held_out and not held_out & {c.value for c in ins.default_bank()}
+  w = world.make_world(world.WorldConfig.preset("test"))
+  files = world_gatt.gatt_files(w, 50, 32, 8, seed=5)
+  assert not held_out & {row["value"] for row in files["gatt/instructions.jsonl"]}
+  splits = {}
+  for row in files["gatt/eval.jsonl"]:
+    values = {c["value"] for c in row["instruction"]["constraints"]}
+    splits.setdefault(row["split"], []).append(bool(values & held_out))
+  assert len(splits["in_distribution"]) == len(splits["held_out"]) == 32
+  assert not any(splits["in_distribution"]) and all(splits["held_out"])
+  sft_text = json.dumps(world.sft_dialogues(w, 800, seed=3, people=list(w.people)))
+  assert all(value in sft_text for value in held_out)  # SFT taught following them in one turn
+
+
 def test_gatt_eval_set_is_deterministic_and_tests_every_family():
   w = world.make_world(world.WorldConfig.preset("test"))
   a = world_gatt.gatt_files(w, 50, 64, 8, seed=5)
   b = world_gatt.gatt_files(w, 50, 64, 8, seed=5)
   assert a == b
-  rows = a["gatt/eval.jsonl"]
+  rows = [r for r in a["gatt/eval.jsonl"] if r["split"] == "in_distribution"]
   assert all(len(r["questions"]) == 8 for r in rows)
   families = {c["family"] for r in rows for c in r["instruction"]["constraints"]}
   assert families == set(ins.CHECKERS)

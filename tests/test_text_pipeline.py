@@ -1,7 +1,6 @@
 """Text pretraining data: bad input named precisely, packing, exact resume across processes."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -38,14 +38,14 @@ class WorldConfig:
   sft_dialogues: int = 8000  # about 3 epochs in the tiny chat preset's 250 SFT steps
   preference_pairs: int = 3000  # helpfulness pairs; safety pairs and prompts scale with it
   gatt_dialogues: int = 600
-  gatt_eval_dialogues: int = 64
-  gatt_eval_turns: int = 8
+  gatt_eval_dialogues: int = 48  # of each split: in-distribution and held-out instructions
+  gatt_eval_turns: int = 20  # the paper's horizon (LLAMA2.md §5)
 
   @classmethod
   def preset(cls, size: str, seed: int = 0) -> WorldConfig:
     sizes = {"test": dict(people=16, towns=4, train_documents=1500, eval_documents=150,
                           sft_dialogues=800, preference_pairs=800, gatt_dialogues=240,
-                          gatt_eval_dialogues=32),
+                          gatt_eval_dialogues=32, gatt_eval_turns=8),
              "tiny": {}, "small": dict(people=200, towns=20, train_documents=40000)}
     if size not in sizes:
       raise ValueError(f"unknown world size {size!r}; choose one of {sorted(sizes)}")
@@ -198,7 +198,9 @@ def sft_dialogues(world: World, count: int, seed: int, people: list[Person]) -> 
   the current turn and not keeping one.
   """
   rng = random.Random(seed)
-  bank = instructions.default_bank()
+  # SFT sees GAtt's held-out values too: following one within a turn is SFT's to teach, keeping
+  # one across turns is GAtt's, measured on values GAtt never trained on.
+  bank = instructions.default_bank() + instructions.held_out_bank()
   dialogues = []
   for _ in range(count):
     turns = rng.choice((1, 1, 2, 3, 4))

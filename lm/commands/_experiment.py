@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 from ml_collections import config_flags
 

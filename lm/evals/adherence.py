@@ -6,6 +6,7 @@ instruction's checker, tabulates and plots adherence by turn, and saves transcri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Sequence
 
@@ -71,9 +72,31 @@ def adherence_table(curves: dict[str, list[float | None]]) -> str:
   return "\n".join(lines)
 
 
-def load_eval_set(path: str) -> tuple[list[Instruction], list[Conversation]]:
-  """The adherence evaluation set: {"instruction": {...}, "questions": [...]} per line."""
-  instructions, conversations = [], []
+SPLITS = ("in_distribution", "held_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """Conversations under system instructions; `splits[i]` says whether conversation i's
+  instruction draws on values the stage trains on ("in_distribution") or not ("held_out")."""
+
+  instructions: list[Instruction]
+  conversations: list[Conversation]
+  splits: list[str]
+
+  def split(self, name: str) -> EvalSet:
+    keep = [i for i, s in enumerate(self.splits) if s == name]
+    return EvalSet([self.instructions[i] for i in keep], [self.conversations[i] for i in keep],
+                   [name] * len(keep))
+
+  def __len__(self) -> int:
+    return len(self.conversations)
+
+
+def load_eval_set(path: str) -> EvalSet:
+  """The adherence evaluation set: {"instruction": {...}, "questions": [...]} per line, with an
+  optional "split" ("in_distribution", the default, or "held_out")."""
+  instructions, conversations, splits = [], [], []
   for where, row in jsonl_rows(path):
     try:
       instruction = Instruction.from_json(row["instruction"])
@@ -82,18 +105,26 @@ def load_eval_set(path: str) -> tuple[list[Instruction], list[Conversation]]:
       raise DataError(f"{where}: an adherence row needs 'instruction' and 'questions' ({e})") from e
     if not questions:
       raise DataError(f"{where}: no questions")
+    split = row.get("split", SPLITS[0])
+    if split not in SPLITS:
+      raise DataError(f"{where}: split must be one of {SPLITS}, got {split!r}")
     instructions.append(instruction)
     conversations.append(Conversation(questions, system=instruction.text))
-  return instructions, conversations
+    splits.append(split)
+  return EvalSet(instructions, conversations, splits)
 
 
-def save_transcripts(path: str, instructions, conversations, replies) -> None:
+def save_transcripts(path: str, instructions, conversations, replies, splits=None) -> None:
   """Every evaluated conversation with its replies and verdicts, for inspection (JSONL)."""
   lines = []
-  for instruction, conversation, reply in zip(instructions, conversations, replies):
+  splits = splits or [None] * len(conversations)
+  for instruction, conversation, reply, split in zip(instructions, conversations, replies, splits):
     turns = [{"user": q, "reply": r.text, "finished": r.finished,
-              "obeys": instruction.check(q, r.text)}
+              "obeys": instruction.check(q, r.text), "dropped_turns": r.dropped_turns}
              for q, r in zip(conversation.questions, reply)]
-    lines.append(json.dumps({"instruction": instruction.text, "system": conversation.system,
-                             "appended": conversation.appended, "turns": turns}) + "\n")
+    row = {"instruction": instruction.text, "system": conversation.system,
+           "appended": conversation.appended, "turns": turns}
+    if split:
+      row["split"] = split
+    lines.append(json.dumps(row) + "\n")
   write_atomically(path, "".join(lines))

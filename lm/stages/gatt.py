@@ -215,13 +215,17 @@ def _sampling_cfg(section, eos_id: int, greedy: bool = False) -> sampling.Sampli
       eos_id=eos_id)
 
 
-def _flat(rates: list[float | None]) -> dict:
-  metrics = {f"adherence_turn_{t + 1}": r for t, r in enumerate(rates) if r is not None}
+def _flat(rates: list[float | None], prefix: str = "") -> dict:
+  metrics = {f"{prefix}adherence_turn_{t + 1}": r for t, r in enumerate(rates) if r is not None}
   tested = [r for r in rates if r is not None]
   if tested:
-    metrics["adherence_last_turn"] = tested[-1]
-  metrics["adherence_by_turn"] = list(rates)
+    metrics[f"{prefix}adherence_last_turn"] = tested[-1]
+  metrics[f"{prefix}adherence_by_turn"] = list(rates)
   return metrics
+
+
+# Metric-name prefixes of the evaluation splits: in-distribution keeps the plain names.
+SPLIT_PREFIX = {"in_distribution": "", "held_out": "held_out_"}
 
 
 @dataclasses.dataclass
@@ -234,7 +238,8 @@ class Inputs:
   tokenizer: Tokenizer
   bank: list
   questions: list[tuple[str, ...]]
-  eval_set: tuple
+  eval_set: adherence.EvalSet
+  prompt_budget: int
 
 
 def validate(cfg: Config, ctx) -> Inputs:
@@ -252,9 +257,10 @@ def validate(cfg: Config, ctx) -> Inputs:
   budget = prompt_budget(cfg, model_cfg)
   check_budget(tokenizer, [longest] * len(questions), [q[0] for q in questions], budget,
                f"{where}.data")
-  check_budget(tokenizer, [i.text for i in eval_set[0]], [c.questions[0] for c in eval_set[1]],
-               budget, f"{where}.eval")
-  return Inputs(model_cfg, init_dir, tokenizer_path, tokenizer, bank, questions, eval_set)
+  check_budget(tokenizer, [i.text for i in eval_set.instructions],
+               [c.questions[0] for c in eval_set.conversations], budget, f"{where}.eval")
+  return Inputs(model_cfg, init_dir, tokenizer_path, tokenizer, bank, questions, eval_set,
+                budget)
 
 
 class GhostAttention:
@@ -286,6 +292,7 @@ class GhostAttention:
     replies = rollout.converse(policy, inputs.tokenizer, conversations,
                                _sampling_cfg(cfg.sampling, inputs.tokenizer.eos_id),
                                jax.random.key(ctx.seed), batch_size=cfg.sampling.batch_size,
+                               max_prompt_tokens=inputs.prompt_budget,
                                log=lambda m: log(f"  sampling {m}"))
     adherence.save_transcripts(os.path.join(ctx.directory, "samples.jsonl"), drawn,
                                conversations, replies)
@@ -300,20 +307,42 @@ class GhostAttention:
   def evaluate(self, policy: Role, when: str) -> dict:
     """Adherence by turn (greedy) on the eval set, and answer accuracy on held-out questions;
     the conversations go to DIR/adherence_<when>.jsonl."""
-    metrics = _flat(measure_adherence(self.cfg, self.inputs, policy, os.path.join(
-        self.ctx.directory, f"adherence_{when}.jsonl")))
+    metrics = measure_adherence(self.cfg, self.inputs, policy, os.path.join(
+        self.ctx.directory, f"adherence_{when}.jsonl"))
     metrics.update(self.answer_evals(policy))
     return metrics
 
 
-def measure_adherence(cfg: Config, inputs: Inputs, policy: Role, path: str
-                      ) -> list[float | None]:
-  instructions, conversations = inputs.eval_set
-  replies = rollout.converse(policy, inputs.tokenizer, conversations,
+def measure_adherence(cfg: Config, inputs: Inputs, policy: Role, path: str) -> dict:
+  """Adherence by turn of each split of the eval set (greedy), and how many of the earliest
+  turns the longest histories had to leave out to fit the prompt budget."""
+  evals = inputs.eval_set
+  replies = rollout.converse(policy, inputs.tokenizer, evals.conversations,
                              _sampling_cfg(cfg.eval, inputs.tokenizer.eos_id, greedy=True),
-                             jax.random.key(0), batch_size=cfg.eval.batch_size)
-  adherence.save_transcripts(path, instructions, conversations, replies)
-  return adherence.adherence_by_turn(instructions, conversations, replies)
+                             jax.random.key(0), batch_size=cfg.eval.batch_size,
+                             max_prompt_tokens=inputs.prompt_budget)
+  adherence.save_transcripts(path, evals.instructions, evals.conversations, replies,
+                             evals.splits)
+  metrics = {}
+  for split, prefix in SPLIT_PREFIX.items():
+    keep = [i for i, s in enumerate(evals.splits) if s == split]
+    if keep:
+      metrics.update(_flat(adherence.adherence_by_turn(
+          [evals.instructions[i] for i in keep], [evals.conversations[i] for i in keep],
+          [replies[i] for i in keep]), prefix))
+  metrics["history_turns_dropped_at_last_turn"] = float(np.mean([r[-1].dropped_turns
+                                                                 for r in replies]))
+  return metrics
+
+
+def _curves(before: dict, after: dict) -> dict[str, list[float | None]]:
+  curves = {}
+  for split, prefix in SPLIT_PREFIX.items():
+    label = "" if split == "in_distribution" else ", held-out values"
+    for when, metrics in (("before", before), ("after", after)):
+      if f"{prefix}adherence_by_turn" in metrics:
+        curves[f"{when} GAtt{label}"] = metrics[f"{prefix}adherence_by_turn"]
+  return curves
 
 
 def run(cfg: Config, ctx, log=print) -> dict:
@@ -323,13 +352,18 @@ def run(cfg: Config, ctx, log=print) -> dict:
                                            inputs.tokenizer_path, log)
   if result.get("preempted"):
     return result
-  curves = {"before GAtt": before["adherence_by_turn"], "after GAtt": after["adherence_by_turn"]}
+  curves = _curves(before, after)
   adherence.plot_adherence(curves, os.path.join(ctx.directory, "adherence.png"),
                            "GAtt: system instruction adherence by turn")
+  dropped = after.get("history_turns_dropped_at_last_turn", 0.0)
   checkpoints.write_atomically(
       os.path.join(ctx.directory, "report.md"),
       "### Instruction adherence by dialogue turn\n\n" + adherence.adherence_table(curves) +
-      f"\n\n![adherence by turn]({ctx.name}/adherence.png)\n")
+      "\n\nHeld-out values: instructions with a persona, hobby, opening or closing that GAtt's "
+      "data never contains (SFT saw them, one turn at a time). Histories longer than the prompt "
+      f"budget ({inputs.prompt_budget} tokens) lose their earliest turns, the system message "
+      f"kept: at the last turn {dropped:.1f} turns on average.\n"
+      f"\n![adherence by turn]({ctx.name}/adherence.png)\n")
   return result
 
 
@@ -338,8 +372,7 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   inputs = validate(cfg, ctx)
   policy = kit.rollout_role(roles.load("policy", model_dir, ctx.mesh(), head="lm",
                                        plan=cfg.plan), cfg.rollout_plan)
-  return _flat(measure_adherence(cfg, inputs, policy,
-                                 os.path.join(model_dir, "adherence_eval.jsonl")))
+  return measure_adherence(cfg, inputs, policy, os.path.join(model_dir, "adherence_eval.jsonl"))
 
 
 def sampling_program(cfg: Config, model_cfg: configs.ModelConfig, mesh):
