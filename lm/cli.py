@@ -17,6 +17,7 @@ VERBS = {
     "aot": "compile a stage's train step (and sampling) for a TPU slice; report per-chip memory",
     "chat": "talk to a chat model in the Llama 2 format, streaming replies",
     "sample": "generate from a checkpoint or a random model of a preset",
+    "score": "reward-model scores of dialogues or preference pairs, on [0, 1]",
     "convert": "import a Meta or Hugging Face Llama checkpoint as a model directory",
     "export": "write a model directory as a Hugging Face Llama checkpoint",
 }

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from experiments import llama2_chat, pretrain
-from lm import config_utils
+from lm import config_utils, optim
 from lm.stages import sft, typed_config
 
 ALL = [(pretrain, p) for p in pretrain.PRESETS] + [(llama2_chat, p) for p in llama2_chat.PRESETS]
@@ -39,6 +39,20 @@ def test_the_paper_hyperparameters(preset):
   assert (tuned.optimizer.lr, tuned.optimizer.schedule, tuned.optimizer.weight_decay) == (
       2e-5, "cosine", 0.1)
   assert (tuned.train.batch_size, tuned.data.seq_len, tuned.epochs) == (64, 4096, 2.0)
+  # LLAMA2.md §6.4-6.5: the reward models.
+  helpful, safety = (typed_config(c.stages[s], s) for s in ("rm_helpful", "rm_safety"))
+  for rm in (helpful, safety):
+    assert rm.kind == "reward" and rm.init_from == "sft" and rm.epochs == 1.0
+    assert rm.optimizer.lr == {"7b": 1e-5, "70b": 5e-6}[preset]
+    assert (rm.optimizer.schedule, rm.optimizer.final_lr_fraction) == ("cosine", 0.1)
+    assert (rm.optimizer.b1, rm.optimizer.b2, rm.optimizer.eps) == (0.9, 0.95, 1e-5)
+    assert (rm.optimizer.weight_decay, rm.optimizer.grad_clip) == (0.1, 1.0)
+    assert (rm.train.batch_size, rm.data.pairs_per_row) == (512, 1)  # 512 pairs, 1024 answers
+    assert optim.warmup_steps(rm.optimizer, 1000) == 30  # 3 %, at least 5
+    assert optim.warmup_steps(rm.optimizer, 100) == 5
+  assert (helpful.data.track, helpful.data.other_share, helpful.margins) == ("helpful", 0.5, "small")
+  assert (safety.data.track, safety.data.other_share) == ("safety", 0.1)
+  assert helpful.safety_loss_weight == 0 < safety.safety_loss_weight
 
 
 def test_sft_epochs_count_packed_rows_not_examples():
@@ -53,4 +67,4 @@ def test_sft_epochs_count_packed_rows_not_examples():
 def test_every_data_section_takes_an_eval_source():
   config = llama2_chat.get_config("7b")
   config_utils.check_overrides(config, [f"--config.stages.{s}.data.eval_source=/data/{s}.jsonl"
-                                        for s in ("pretrain", "sft", "gatt")])
+                                        for s in ("pretrain", "sft", "gatt", "rm_helpful")])

@@ -107,7 +107,8 @@ def test_lm_run_killed_mid_stage_resumes_to_the_same_curve(smoke_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
-  """world -> tokenizer -> pretrain -> SFT -> GAtt at test size, run once for every test below."""
+  """world -> tokenizer -> pretrain -> SFT -> GAtt -> both RMs at test size, run once for every
+  test below."""
   workdir = tmp_path_factory.mktemp("chat")
   # About 6 minutes on 2 idle cores; the timeout only guards against a hang.
   result = lm("run", "experiments/llama2_chat.py:test", f"--workdir={workdir}", timeout=1800)
@@ -166,3 +167,48 @@ def test_the_report_has_every_stage_and_the_adherence_table(chat_run):
   assert "## sft" in report and "Instruction adherence by dialogue turn" in report
   assert (chat_run / "gatt" / "adherence.png").stat().st_size > 1000
 
+
+
+def test_reward_models_rank_by_rating_and_flag_unsafe_answers(chat_run):
+  """Chance is 0.5 on every bucket (a zero head, where both RMs start, scores 0: ties, 0.0)."""
+  helpful = metrics_of(chat_run, "rm_helpful")
+  # Table 8's shape: separable pairs far above similar ones.
+  assert helpful["accuracy_significantly_better"] >= 0.8
+  assert helpful["accuracy_significantly_better"] >= helpful["accuracy_negligibly_better"] + 0.15
+  assert helpful["accuracy"] >= 0.6
+  assert "safety_test_accuracy" in helpful  # cross-evaluated on the other RM's test set
+  safety = metrics_of(chat_run, "rm_safety")
+  assert safety["unsafe_recall@0.5"] >= 0.8 and safety["accuracy_safe_unsafe"] >= 0.8
+  stats = json.loads((chat_run / "rm_safety" / "reward.json").read_text())
+  assert stats["score_std"] > 0 and stats["track"] == "safety"
+  report = (chat_run / "report.md").read_text()
+  assert "Table 8's shape" in report and "Table 29's shape" in report
+  assert (chat_run / "rm_helpful" / "scores.png").stat().st_size > 1000
+
+
+def test_lm_score_agrees_with_the_reward_stage_and_keeps_the_order(chat_run, tmp_path):
+  pairs = chat_run / "world" / "preferences" / "helpful" / "eval.jsonl"
+  out = tmp_path / "scores.jsonl"
+  result = lm("score", f"--checkpoint={chat_run / 'rm_helpful'}", f"--input={pairs}",
+              f"--output={out}", "--seq_len=384", "--batch_size=16")
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r["line"] for r in rows] == list(range(1, len(rows) + 1))
+  assert all(0.0 <= r["chosen_score"] <= 1.0 for r in rows)
+  accuracy = sum(r["chosen_score"] > r["rejected_score"] for r in rows) / len(rows)
+  assert accuracy == pytest.approx(metrics_of(chat_run, "rm_helpful")["accuracy"], abs=1e-9)
+  first = json.loads(pairs.read_text().splitlines()[0])
+  dialogue = {"messages": [{"role": "user", "content": first["prompt"]},
+                           {"role": "assistant", "content": first["chosen"]}]}
+  mixed = tmp_path / "mixed.jsonl"
+  mixed.write_text(json.dumps(dialogue) + "\n" + json.dumps(first) + "\n" + '{"messages": 3}\n')
+  result = lm("score", f"--checkpoint={chat_run / 'rm_helpful'}", f"--input={mixed}",
+              f"--output={tmp_path / 'bad.jsonl'}", "--seq_len=384")
+  assert result.returncode != 0 and "mixed.jsonl:3:" in result.stderr
+  assert not (tmp_path / "bad.jsonl").exists()  # nothing half-written
+  result = lm("score", f"--checkpoint={chat_run / 'rm_helpful'}", f"--input={mixed}",
+              f"--output={tmp_path / 'mixed_scores.jsonl'}", "--seq_len=384", "--skip_bad_rows")
+  assert result.returncode == 0, result.stderr[-2000:]
+  scored = [json.loads(l) for l in (tmp_path / "mixed_scores.jsonl").read_text().splitlines()]
+  assert [r["line"] for r in scored] == [1, 2]
+  assert scored[0]["score"] == pytest.approx(rows[0]["chosen_score"], abs=1e-6)

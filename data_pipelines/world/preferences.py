@@ -47,11 +47,19 @@ def rating_for(gap: float) -> str:
   return RATINGS[3]
 
 
-def helpful_question(world: core.World, people, rng: random.Random) -> dict:
+def is_eval_sum(a: int, b: int) -> bool:
+  """One sum in five is kept for test sets, so a test sum is never a training one."""
+  return (a * 21 + b) % 5 == 0
+
+
+def helpful_question(world: core.World, people, rng: random.Random, split: str = "train") -> dict:
   """{"prompt", "answer" (the value a right reply contains), "person", "attribute"}: a question
-  about a person, or a small sum (attribute "sum")."""
+  about a person, or a small sum (attribute "sum") from the split's share of sums."""
   if rng.random() < 0.2:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    while True:
+      a, b = rng.randint(0, 20), rng.randint(0, 20)
+      if is_eval_sum(a, b) == (split == "eval"):
+        break
     return {"prompt": f"What is {a} + {b}?", "answer": str(a + b), "person": "", "attribute": "sum"}
   person = rng.choice(people)
   index = rng.randrange(len(core.QUESTIONS))
@@ -112,12 +120,13 @@ def _person_sentence(world, rng, exclude: str = "") -> str:
   return core.question_answer(other, rng.randrange(len(core.QUESTIONS)))[1]
 
 
-def helpfulness_pairs(world: core.World, people, count: int, seed: int) -> list[dict]:
-  """Helpfulness preference pairs over questions about `people` and small sums."""
+def helpfulness_pairs(world: core.World, people, count: int, seed: int, split: str = "train"
+                      ) -> list[dict]:
+  """Helpfulness preference pairs over questions about `people` and the split's small sums."""
   rng = random.Random(seed)
   pairs = []
   while len(pairs) < count:
-    question = helpful_question(world, people, rng)
+    question = helpful_question(world, people, rng, split)
     chosen_kind = "complete" if rng.random() < 0.75 else "terse"
     rejected_kind = rng.choice([k for k, q in HELPFUL_QUALITY.items()
                                 if q < HELPFUL_QUALITY[chosen_kind]])
@@ -171,7 +180,7 @@ def safety_pairs(people, count: int, seed: int) -> list[dict]:
 
 
 def rlhf_prompts(world: core.World, people, count: int, seed: int,
-                 safety_share: float = 0.3) -> list[dict]:
+                 safety_share: float = 0.3, split: str = "train") -> list[dict]:
   """Prompts for rejection sampling and PPO: helpful ones with an answer, adversarial ones tagged
   is_safety with a category. {"prompt", "is_safety", "category", "answer"}."""
   rng = random.Random(seed)
@@ -182,7 +191,7 @@ def rlhf_prompts(world: core.World, people, count: int, seed: int,
       prompts.append({"prompt": p["prompt"], "is_safety": True, "category": p["category"],
                       "answer": ""})
     else:
-      q = helpful_question(world, people, rng)
+      q = helpful_question(world, people, rng, split)
       prompts.append({"prompt": q["prompt"], "is_safety": False, "category": "",
                       "answer": q["answer"]})
   return prompts
@@ -195,17 +204,21 @@ def score_answer(reply: str, answer: str) -> bool:
 
 
 def write(out: str, world: core.World, cfg: core.WorldConfig) -> dict:
-  """Writes preferences/{helpful,safety}/{train,eval}.jsonl and prompts/{train,eval}.jsonl."""
+  """Writes preferences/{helpful,safety}/{train,eval}.jsonl and prompts/{train,eval}.jsonl.
+
+  Test pairs and eval prompts are about people (and sums) no training pair mentions: the SFT
+  split's held-out people, whom only pretraining describes."""
   people, held_out = core.sft_people(world)
   base, n = cfg.seed * 1000, cfg.preference_pairs
   files = {
-      "preferences/helpful/train.jsonl": helpfulness_pairs(world, world.people, n, base + 10),
-      "preferences/helpful/eval.jsonl": helpfulness_pairs(world, world.people, max(n // 10, 64),
-                                                          base + 11),
+      "preferences/helpful/train.jsonl": helpfulness_pairs(world, people, n, base + 10),
+      "preferences/helpful/eval.jsonl": helpfulness_pairs(world, held_out, max(n // 10, 64),
+                                                          base + 11, "eval"),
       "preferences/safety/train.jsonl": safety_pairs(people, n // 2, base + 12),
       "preferences/safety/eval.jsonl": safety_pairs(held_out, max(n // 10, 64), base + 13),
-      "prompts/train.jsonl": rlhf_prompts(world, world.people, n // 3, base + 14),
-      "prompts/eval.jsonl": rlhf_prompts(world, held_out, max(n // 15, 64), base + 15),
+      "prompts/train.jsonl": rlhf_prompts(world, people, n // 3, base + 14),
+      "prompts/eval.jsonl": rlhf_prompts(world, held_out, max(n // 15, 64), base + 15,
+                                         split="eval"),
   }
   for path, rows in files.items():
     core.write_jsonl(os.path.join(out, path), rows)

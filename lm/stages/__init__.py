@@ -18,7 +18,7 @@ import importlib
 
 from lm import config_utils
 
-KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt")
+KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt", "reward")
 
 
 def stage_module(kind: str):

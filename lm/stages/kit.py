@@ -82,16 +82,20 @@ def loss_fn(graphdef, z_loss: float = 0.0) -> trainer.LossFn:
   return next_token
 
 
-def build_trainer(cfg, model_cfg: configs.ModelConfig, mesh, where: str) -> trainer.Trainer:
-  """The stage's Trainer: its train/optimizer sections, its training plan."""
+def build_trainer(cfg, model_cfg: configs.ModelConfig, mesh, where: str, *, head: str = "lm",
+                  loss: trainer.LossFn | None = None) -> trainer.Trainer:
+  """The stage's Trainer: its train/optimizer sections, its training plan; the next-token loss
+  unless `loss` is given (a scalar-head stage gives its own)."""
   rules = sharding.plan_rules(cfg.plan)
-  graphdef, _ = model.abstract_model(model_cfg, "lm", rules)
+  if loss is None:
+    graphdef, _ = model.abstract_model(model_cfg, head, rules)
+    loss = loss_fn(graphdef, cfg.z_loss)
   try:
     steps = cfg.train.steps
     return trainer.Trainer(
-        loss_fn=loss_fn(graphdef, cfg.z_loss), optimizer=optim.make_optimizer(cfg.optimizer, steps),
+        loss_fn=loss, optimizer=optim.make_optimizer(cfg.optimizer, steps),
         schedule=optim.learning_rate(cfg.optimizer, steps), cfg=cfg.train, mesh=mesh,
-        param_shardings=model.param_shardings(model_cfg, mesh, rules), rules=rules)
+        param_shardings=model.param_shardings(model_cfg, mesh, rules, head), rules=rules)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from e
 
