@@ -98,12 +98,13 @@ def reward_stage(preset: str, track: str) -> ml_collections.ConfigDict:
   else:
     cfg = reward.Config(
         data=reward.Data(source="world", seq_len=384, **data),
-        # A model of a million parameters needs a larger LR and a few passes where the paper's
-        # needed one at 1e-5 (measured on tiny: see the README).
-        epochs=3.0 if preset == "tiny" else 2.0,
+        # One epoch, as the paper's; a model of a million parameters needs a far larger LR than
+        # 1e-5. On tiny, 1 epoch at 1e-3 gave held-out accuracy 0.71, 3 epochs at 5e-4 0.65 (it
+        # over-fits the training people, as the paper's RMs over-fitted past one epoch).
+        epochs=1.0,
         train=common.train(steps=100, batch_size=16, log_every=10, eval_every=0,
                            checkpoint_every=100),
-        optimizer=common.optimizer(lr=5e-4, warmup_steps=5, warmup_fraction=0.03,
+        optimizer=common.optimizer(lr=1e-3, warmup_steps=5, warmup_fraction=0.03,
                                    final_lr_fraction=0.1),
         eval_batch_size=16)
   cfg = dataclasses.replace(cfg, safety_loss_weight=1.0 if safety else 0.0)
