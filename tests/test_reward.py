@@ -1,6 +1,7 @@
 """Reward models: the score read at EOS whatever the padding, the metrics of Tables 8 and 29, the
 stage's mixes and its bad input, the world's held-out test pairs, and the loss on packed rows."""
 
+import dataclasses
 import json
 import random
 
@@ -196,14 +197,12 @@ def test_bad_pairs_fail_with_file_and_line_or_are_counted(stage, row, error):
   path.write_text("\n".join(lines) + "\n")
   with pytest.raises((DataError, ValueError), match=f"train.jsonl:3: .*{error}"):
     reward.validate(cfg, ctx)
-  import dataclasses
   skipping = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, skip_bad_rows=True))
   inputs = reward.validate(skipping, ctx)
   assert inputs.counts["own_pairs"] == 7 and sum(inputs.bad.dropped.values()) == 1
 
 
 def test_an_unknown_track_or_margin_table_fails_before_compute(stage):
-  import dataclasses
   cfg, ctx, _ = stage
   with pytest.raises(ValueError, match="track must be one of"):
     reward.validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, track="harm")), ctx)

@@ -99,7 +99,7 @@ def _paths(cfg: Config, ctx) -> dict[str, str]:
   return paths
 
 
-def _read(path: str, cfg: Config, bad: text.BadRows, needs_labels: bool) -> list:
+def _read(path: str, bad: text.BadRows, needs_labels: bool) -> list:
   pairs = preferences.read_pairs(path, bad) if path else []
   if needs_labels:
     labelled = []
@@ -148,17 +148,17 @@ def validate(cfg: Config, ctx) -> Inputs:
   def encode(pairs):
     return preferences.encode_pairs(pairs, tokenizer.encode_dialog, cfg.data.seq_len, bad)
 
-  own = encode(_read(paths["train"], cfg, bad, labels))
-  other = encode(_read(paths["other_train"], cfg, bad, False))
+  own = encode(_read(paths["train"], bad, labels))
+  other = encode(_read(paths["other_train"], bad, False))
   train = mix(own, other, cfg.data.other_share, ctx.seed)
   if not train:
     raise ValueError(f"{where}: no valid training pairs in {paths['train']}")
   own_track = cfg.data.track if cfg.data.source in ctx.outputs else "own"
   other_track = (TRACKS[1 - TRACKS.index(cfg.data.track)] if cfg.data.source in ctx.outputs
                  else "other")
-  evals = {own_track: encode(_read(paths["eval"], cfg, bad, False))}
+  evals = {own_track: encode(_read(paths["eval"], bad, False))}
   if paths["other_eval"]:
-    evals[other_track] = encode(_read(paths["other_eval"], cfg, bad, False))
+    evals[other_track] = encode(_read(paths["other_eval"], bad, False))
   if not evals[own_track]:
     raise ValueError(f"{where}: no valid evaluation pairs in {paths['eval']}")
   counts = {"train_pairs": len(train), "own_pairs": len(own),
@@ -247,7 +247,7 @@ def _evaluation(cfg: Config, inputs: Inputs, role: roles.Role, last: dict):
   return evaluate
 
 
-def _report(ctx, cfg: Config, last: dict) -> str:
+def _report(ctx, last: dict) -> str:
   label = lambda name: f"{ctx.name}, {name} test set"  # noqa: E731
   results = {label(name): metrics for name, (metrics, _) in last.items()}
   own, (_, raw) = next(iter(last.items()))
@@ -287,7 +287,7 @@ def run(cfg: Config, ctx, log=print) -> dict:
   stats.update({k: v for k, v in own_metrics.items() if k.startswith("unsafe_")})
   checkpoints.write_atomically(os.path.join(ctx.directory, STATS_FILE),
                                json.dumps(stats, indent=2) + "\n")
-  checkpoints.write_atomically(os.path.join(ctx.directory, "report.md"), _report(ctx, cfg, last))
+  checkpoints.write_atomically(os.path.join(ctx.directory, "report.md"), _report(ctx, last))
   result.update(inputs.counts, packed_rows=rows["tokens"].shape[0], train_steps=tr.cfg.steps,
                 **kit.dropped(inputs.bad))
   return result
