@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import random
+from typing import Sequence
 
 from data_pipelines import instructions
 
@@ -165,6 +166,17 @@ QUESTIONS = (
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly and correctly.")
 INSTRUCTED_TURNS = 0.5  # share of SFT user turns carrying an instruction for that answer only
 HOBBY_TURNS = 0.2  # share of SFT user turns asking what the assistant enjoys
+# Turns that only ask the assistant to use a name, drawn from everyone in the world. Without
+# them SFT's answers name only the people it trains on, and asked about anyone else the tiny
+# SFT model answered about one of those instead ("Where does Raul live?" -> "Suti lives in
+# Lurida."): the name's one piece had become unlikely after [/INST]. No fact is in these turns.
+NAME_TURNS = 0.1
+NAME_TASKS = (
+    ("Please greet {name}.", "Hello, {name}! It is good to meet you."),
+    ("My friend is called {name}. What is my friend called?", "Your friend is called {name}."),
+    ("Say the name {name} back to me.", "{name}."),
+    ("Write a short note to {name}.", "Dear {name}, I hope you are well."),
+)
 
 
 def question_answer(person: Person, index: int) -> tuple[str, str, str]:
@@ -190,8 +202,18 @@ def world_turn(people: list[Person], rng: random.Random, hobby_share: float = HO
   return question, answer
 
 
-def sft_dialogues(world: World, count: int, seed: int, people: list[Person]) -> list[dict]:
+def name_turn(names: Sequence[str], rng: random.Random) -> tuple[str, str]:
+  """One (question, answer) that uses a name and states nothing about its person."""
+  question, answer = rng.choice(NAME_TASKS)
+  name = rng.choice(names)
+  return question.format(name=name), answer.format(name=name)
+
+
+def sft_dialogues(world: World, count: int, seed: int, people: list[Person],
+                  names: Sequence[str] = ()) -> list[dict]:
   """Chat dialogues of 1-4 turns about `people`: {"messages": [{"role", "content"}, ...]}.
+
+  With `names`, a share of the turns (NAME_TURNS) only use one of them (`name_turn`).
 
   Some turns carry an instruction from the GAtt families that the answer obeys; it holds for that
   answer only (the next turn is answered plainly), so SFT teaches following an instruction in
@@ -217,7 +239,10 @@ def sft_dialogues(world: World, count: int, seed: int, people: list[Person]) -> 
       dialogues.append({"messages": messages})
       continue
     for _ in range(turns):
-      question, answer = world_turn(people, rng)
+      if names and rng.random() < NAME_TURNS:
+        question, answer = name_turn(names, rng)
+      else:
+        question, answer = world_turn(people, rng)
       if rng.random() < INSTRUCTED_TURNS:
         instruction = instructions.random_instruction(bank, rng)
         if instructions.is_hobby_question(question):
