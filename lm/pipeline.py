@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
 
 import jax
 import ml_collections
 
-from lm import checkpoints, report, sharding, trainer
+from lm import checkpoints, metrics_io, report, sharding, trainer
 from lm.stages import common, stage_module, typed_config
 
 
@@ -67,10 +69,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, log=print) -
     os.makedirs(directory, exist_ok=True)
     ctx = common.StageContext(name=name, directory=directory, outputs=dict(outputs),
                               mesh_config=mesh_config, seed=config.seed)
+    started = time.time()
     metrics = stage_module(stage_cfg.kind).run(stage_cfg, ctx)
     if metrics.get("preempted"):
       log(f"[{name}] stopped before the end; rerun the same command to resume")
       return results
+    metrics.update(_throughput(directory, time.time() - started))
     if jax.process_index() == 0:
       common.write_metrics(directory, metrics)
     log(f"[{name}] done: " + json.dumps({k: v for k, v in metrics.items()
@@ -81,6 +85,17 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, log=print) -
     path = report.write_report(workdir, list(config.pipeline))
     log(f"report: {path}")
   return results
+
+
+def _throughput(directory: str, seconds: float) -> dict:
+  """The stage's wall time (of the session that finished it) and its median training tokens/s
+  over the logged steps (the first, which includes compilation, left out)."""
+  rates = [row["tokens_per_second"] for row in metrics_io.read_rows(directory, "train")
+           if "tokens_per_second" in row][1:]
+  result = {"wall_seconds": round(seconds, 1)}
+  if rates:
+    result["train_tokens_per_second"] = round(statistics.median(rates), 1)
+  return result
 
 
 def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, stage: str | None = None,

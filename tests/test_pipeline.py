@@ -37,6 +37,7 @@ def test_run_writes_model_metrics_report_and_curve(smoke_run):
   assert "| perplexity |" in (workdir / "report.md").read_text()
   assert os.listdir(stage / "events")
   assert "step 60/60" in result.stdout
+  assert metrics["wall_seconds"] > 0 and metrics["train_tokens_per_second"] > 0
 
 
 def test_rerun_skips_finished_stages(smoke_run):
