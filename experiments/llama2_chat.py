@@ -119,7 +119,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.stages.rm_helpful = reward_stage(preset, "helpful")
   c.stages.rm_safety = reward_stage(preset, "safety")
   if preset not in common.PAPER_SIZES:
-    # Rows stay 256 tokens; the longer bound leaves room for 8-turn conversations at evaluation.
+    # Rows stay 256 tokens; the longer bound leaves room for long conversations at evaluation
+    # (GAtt's 20-turn ones drop their earliest turns beyond it).
     c.stages.pretrain.model.max_seq_len = 512
     # Chat text (instructions, capitals, signatures) needs more pieces than plain world text
     # to keep 8-turn dialogues within a few hundred tokens.
