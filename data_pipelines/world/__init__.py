@@ -55,10 +55,10 @@ def write_world(out: str, cfg: WorldConfig) -> dict:
   probes = fact_probes(world)
   core.write_jsonl(os.path.join(out, "probes.jsonl"), probes)
   train_people, held_out = sft_people(world)
-  names = [p.name for p in world.people]
-  sft_train = sft_dialogues(world, cfg.sft_dialogues, cfg.seed * 1000 + 3, train_people, names)
+  sft_train = sft_dialogues(world, cfg.sft_dialogues, cfg.seed * 1000 + 3, train_people,
+                            core.NAME_TURNS)
   sft_eval = sft_dialogues(world, max(cfg.sft_dialogues // 20, 16), cfg.seed * 1000 + 4, held_out,
-                           names)
+                           core.NAME_TURNS)
   core.write_jsonl(os.path.join(out, "sft", "train.jsonl"), sft_train)
   core.write_jsonl(os.path.join(out, "sft", "eval.jsonl"), sft_eval)
   qa = qa_eval_set(held_out)

@@ -210,16 +210,17 @@ def name_turn(names: Sequence[str], rng: random.Random) -> tuple[str, str]:
 
 
 def sft_dialogues(world: World, count: int, seed: int, people: list[Person],
-                  names: Sequence[str] = ()) -> list[dict]:
+                  name_share: float = 0.0) -> list[dict]:
   """Chat dialogues of 1-4 turns about `people`: {"messages": [{"role", "content"}, ...]}.
 
-  With `names`, a share of the turns (NAME_TURNS) only use one of them (`name_turn`).
+  A `name_share` of the turns only use the name of someone in the world (`name_turn`).
 
   Some turns carry an instruction from the GAtt families that the answer obeys; it holds for that
   answer only (the next turn is answered plainly), so SFT teaches following an instruction in
   the current turn and not keeping one.
   """
   rng = random.Random(seed)
+  names = [p.name for p in world.people]
   # SFT sees GAtt's held-out values too: following one within a turn is SFT's to teach, keeping
   # one across turns is GAtt's, measured on values GAtt never trained on.
   bank = instructions.default_bank() + instructions.held_out_bank()
@@ -239,7 +240,7 @@ def sft_dialogues(world: World, count: int, seed: int, people: list[Person],
       dialogues.append({"messages": messages})
       continue
     for _ in range(turns):
-      if names and rng.random() < NAME_TURNS:
+      if name_share and rng.random() < name_share:
         question, answer = name_turn(names, rng)
       else:
         question, answer = world_turn(people, rng)
