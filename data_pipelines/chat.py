@@ -32,6 +32,7 @@ class PackReport:
   examples: int = 0
   rows: int = 0
   fill: float = 0.0  # fraction of positions holding real tokens
+  mixed_in: int = 0  # dialogues added from a second source (SFT's safety demonstrations)
 
 
 def valid_messages(where: str, messages, bad: BadRows, ends_with: str) -> bool:

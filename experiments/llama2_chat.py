@@ -21,7 +21,7 @@ import dataclasses
 import ml_collections
 
 from experiments import common, pretrain
-from lm.stages import gatt, reward, sft
+from lm.stages import gatt, rejection_sampling, reward, sft
 
 PRESETS = ("tiny", "test") + common.PAPER_SIZES
 SFT_EXAMPLES = 27_540  # the paper's vendor-annotated SFT set
@@ -46,7 +46,11 @@ def sft_stage(preset: str) -> ml_collections.ConfigDict:
         # Copying an instruction's value (which persona, which hobby) into the answer is learnt
         # in a jump, as the pretraining facts are; at LR 1e-3 the tiny model had not made it by
         # step 250 (inline adherence 0.67, persona 0.31), at 2e-3 it has (0.985).
-        optimizer=common.optimizer(lr=2e-3, warmup_steps=10, final_lr_fraction=0.1))
+        optimizer=common.optimizer(lr=2e-3, warmup_steps=10, final_lr_fraction=0.1),
+        # The world's safety demonstrations (bare refusals of the training templates, helpful
+        # answers to look-alikes): without them the model never refuses, and rejection
+        # sampling has no safe answer to pick.
+        safety_data="world")
   return common.section(cfg)
 
 
@@ -109,6 +113,53 @@ def reward_stage(preset: str, track: str) -> ml_collections.ConfigDict:
   return common.section(cfg)
 
 
+# RLHF versions by rejection sampling; from POOL_FROM on, a version's candidates include every
+# earlier version's samples (LLAMA2.md §7.2 item 5: from RLHF-V3 on in the paper).
+RS_VERSIONS = {"tiny": 3, "test": 2}
+POOL_FROM = {"tiny": 3, "test": 2}
+
+
+def rs_stage(preset: str, version: int) -> ml_collections.ConfigDict:
+  """RLHF-V`version` by rejection sampling: samples from the previous version (V1 from the GAtt
+  model, the latest chat model), ranked by the safety-gated reward of the RMs."""
+  previous = "gatt" if version == 1 else f"rs_v{version - 1}"
+  pool_from = POOL_FROM.get(preset, 3)
+  pool = tuple(f"rs_v{v}" for v in range(1, version)) if version >= pool_from else ()
+  if preset in common.PAPER_SIZES:
+    cfg = rejection_sampling.Config(
+        init_from=previous,
+        data=rejection_sampling.Data(source="", eval_source="", seq_len=4096, eval_batches=2),
+        # Figure 8: for an RLHF model sampling 10-100 outputs the best T is 1.2-1.3; swept anew
+        # each version on a small subset.
+        sampling=rejection_sampling.Sampling(
+            samples_per_prompt=20, temperatures=(0.8, 1.0, 1.2, 1.3, 1.4), sweep_prompts=64,
+            max_new_tokens=512, batch_size=64, chunk_prompts=256),
+        reward=rejection_sampling.Reward(seq_len=4096, batch_size=64, dtype="bfloat16"),
+        eval=rejection_sampling.Eval(max_new_tokens=512, batch_size=64),
+        pool=pool,
+        train=common.train(steps=500, batch_size=64, log_every=10, checkpoint_every=100),
+        optimizer=common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0),
+        rollout_plan="fsdp_tp")
+  else:
+    tiny = preset == "tiny"
+    cfg = rejection_sampling.Config(
+        init_from=previous,
+        data=rejection_sampling.Data(source="world", seq_len=384, eval_batches=2,
+                                     max_prompts=0 if tiny else 96),
+        sampling=rejection_sampling.Sampling(
+            samples_per_prompt=8 if tiny else 4,
+            temperatures=(0.7, 1.0, 1.3) if tiny else (), temperature=1.0, sweep_prompts=48,
+            max_new_tokens=48, batch_size=128, chunk_prompts=256 if tiny else 32),
+        reward=rejection_sampling.Reward(seq_len=384, batch_size=16),
+        eval=rejection_sampling.Eval(max_new_tokens=48, batch_size=64,
+                                     max_prompts=0 if tiny else 64),
+        pool=pool,
+        train=common.train(steps=40 if tiny else 20, batch_size=16, log_every=10,
+                           checkpoint_every=50),
+        optimizer=common.optimizer(lr=5e-4, warmup_steps=5, final_lr_fraction=0.1))
+  return common.section(cfg)
+
+
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
@@ -147,5 +198,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # a 160-step run ends at 0.34-0.38; in a 320-step run facts are 0.66 at step 160 and 1.0
     # from step 240 (the LR is still high when they bind).
     c.stages.pretrain.train.steps = 320
-  c.pipeline = tuple(c.pipeline) + ("sft", "gatt", "rm_helpful", "rm_safety")
+  versions = RS_VERSIONS.get(preset, 4)  # the paper: RLHF-V1 to V4 by rejection sampling
+  for version in range(1, versions + 1):
+    c.stages[f"rs_v{version}"] = rs_stage(preset, version)
+  c.pipeline = tuple(c.pipeline) + ("sft", "gatt", "rm_helpful", "rm_safety") + tuple(
+      f"rs_v{v}" for v in range(1, versions + 1))
   return c

@@ -11,6 +11,7 @@ shows sigmoid(raw) in [0, 1] (`unit`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import model, sharding
+from lm import model, rl, sharding
 from lm.roles import Role
 
 
@@ -111,3 +112,43 @@ def score_dialogues(role: Role, encode_dialog, dialogues: Sequence[Sequence[dict
 def unit(raw) -> np.ndarray:
   """The paper's score scale: sigmoid(raw) in [0, 1]."""
   return 1.0 / (1.0 + np.exp(-np.asarray(raw, np.float64)))
+
+
+RANKINGS = ("safety_gated", "helpful")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModels:
+  """The reward models that rank (rejection sampling) or reward (PPO) samples, and how their
+  scores combine: `safety_gated` is R_c of LLAMA2.md §7.3 (lm/rl.py), `helpful` the
+  helpfulness RM alone (whether rejection sampling gates is left open by the paper [U])."""
+
+  helpful: Role
+  safety: Role | None
+  seq_len: int
+  batch_size: int
+  ranking: str = "safety_gated"
+  threshold: float = 0.15
+
+  def __post_init__(self):
+    if self.ranking not in RANKINGS:
+      raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+    if self.ranking == "safety_gated" and self.safety is None:
+      raise ValueError("the safety-gated ranking needs a safety reward model")
+
+  def score(self, sequences: Sequence[np.ndarray], is_safety: Sequence[bool]
+            ) -> dict[str, np.ndarray]:
+    """{"helpful", "safety" (when there is a safety RM), "reward"}: [S] float64 on the sigmoid
+    scale, for token sequences that each end with an answer's EOS."""
+    scores = {"helpful": unit(score_sequences(self.helpful, sequences, self.seq_len,
+                                              self.batch_size))}
+    if self.safety is not None:
+      scores["safety"] = unit(score_sequences(self.safety, sequences, self.seq_len,
+                                              self.batch_size))
+    if self.ranking == "safety_gated":
+      scores["reward"] = np.asarray(rl.safety_gated_reward(
+          scores["helpful"], scores["safety"], np.asarray(is_safety, bool), self.threshold),
+          np.float64)
+    else:
+      scores["reward"] = scores["helpful"]
+    return scores

@@ -13,7 +13,7 @@ from experiments import llama2_chat
 from lm import chat, checkpoints, configs, roles, rollout, sampling, sharding
 from lm import tokenizer as tok
 from lm.evals import adherence
-from lm.stages import common, gatt, typed_config
+from lm.stages import common, gatt, kit, typed_config
 
 CFG = configs.get_preset("tiny", vocab_size=400, max_seq_len=256)
 
@@ -37,7 +37,7 @@ DIALOG = [{"role": "system", "content": "Style: capitals."},
 
 
 def test_loss_is_on_the_last_assistant_turn_only(tk):
-  encoded = gatt.encode_last_turn(tk)(DIALOG)
+  encoded = kit.encode_last_turn(tk)(DIALOG)
   full = tk.encode_dialog(DIALOG)
   earlier = len(tk.encode_dialog(DIALOG[:-2]).tokens)  # every token before the last exchange
   np.testing.assert_array_equal(encoded.tokens, full.tokens)

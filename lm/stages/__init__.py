@@ -18,7 +18,7 @@ import importlib
 
 from lm import config_utils
 
-KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt", "reward")
+KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt", "reward", "rejection_sampling")
 
 
 def stage_module(kind: str):

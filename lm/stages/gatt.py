@@ -40,7 +40,7 @@ from lm import (checkpoints, configs, hardware, model, optim, roles, rollout, sa
 from lm.evals import adherence
 from lm.roles import Role
 from lm.stages import kit, self_distill, sft
-from lm.tokenizer import EncodedDialog, Tokenizer
+from lm.tokenizer import Tokenizer
 
 DATA_FILE = "gatt_data.jsonl"
 
@@ -144,17 +144,6 @@ def check_budget(tokenizer: Tokenizer, instruction_texts, first_questions, budge
       raise ValueError(f"{where}: the system prompt {system[:60]!r} with its first user turn is "
                        f"{used} tokens, over the budget of {budget} (the sequence length less the "
                        f"reply's tokens); shorten it or raise the sequence length")
-
-
-def encode_last_turn(tokenizer: Tokenizer):
-  """encode_dialog with the loss on the last assistant turn only (GAtt's step 6)."""
-
-  def encode(messages) -> EncodedDialog:
-    encoded = tokenizer.encode_dialog(messages)
-    last = encoded.turn == encoded.turn.max()
-    return EncodedDialog(encoded.tokens, encoded.loss_mask * last, encoded.turn)
-
-  return encode
 
 
 def training_rows(instructions, questions, replies, every_turn: bool, keep_only_adherent: bool,
@@ -270,7 +259,7 @@ class GhostAttention:
 
   def __init__(self, cfg: Config, ctx, inputs: Inputs):
     self.cfg, self.ctx, self.inputs = cfg, ctx, inputs
-    self.encode = encode_last_turn(inputs.tokenizer)
+    self.encode = kit.encode_last_turn(inputs.tokenizer)
     self.answer_evals = sft.answer_evals(sft.world_questions(cfg.data.source, ctx),
                                          inputs.tokenizer, cfg.rollout_plan)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from lm import checkpoints, configs, hardware, losses, model, optim, roles, sharding, trainer
 from lm.stages import common
+from lm.tokenizer import EncodedDialog, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,18 @@ def chat_start(cfg, ctx: common.StageContext, starts_from: str
   if tokenizer_path is None:
     raise ValueError(f"{where}.tokenizer is empty: this stage needs the chat format's tokenizer")
   return model_cfg, init_dir, tokenizer_path
+
+
+def encode_last_turn(tokenizer: Tokenizer):
+  """encode_dialog with the loss on the last assistant turn only (GAtt's step 6; an RLHF
+  prompt's earlier turns are context, not targets)."""
+
+  def encode(messages) -> EncodedDialog:
+    encoded = tokenizer.encode_dialog(messages)
+    last = encoded.turn == encoded.turn.max()
+    return EncodedDialog(encoded.tokens, encoded.loss_mask * last, encoded.turn)
+
+  return encode
 
 
 def loss_fn(graphdef, z_loss: float = 0.0) -> trainer.LossFn:

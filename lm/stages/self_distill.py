@@ -55,7 +55,7 @@ def read_jsonl(path: str) -> list[dict]:
   return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def _cached(path: str, make: Callable[[], object]):
+def cached(path: str, make: Callable[[], object]):
   """JSON at `path` if a run already wrote it, else `make()` written there atomically."""
   if os.path.exists(path):
     return json.load(open(path))
@@ -97,7 +97,7 @@ def run(cfg, ctx: common.StageContext, stage: Distillation, init_dir: str, token
   if not rows:
     raise ValueError(f"{where}: no example survived generation and filtering ({counts}); "
                      f"there is nothing to fine-tune on")
-  before = _cached(os.path.join(ctx.directory, BEFORE_FILE),
+  before = cached(os.path.join(ctx.directory, BEFORE_FILE),
                    lambda: stage.evaluate(kit.rollout_role(policy, cfg.rollout_plan), "before"))
 
   held_out = max(1, int(len(rows) * cfg.data.eval_fraction))

@@ -7,15 +7,18 @@ for the real sizes: LR 2e-5 cosine, weight decay 0.1, batch 64, seq 4096, 2 epoc
 Config (`Config`): init_from (an earlier stage or model directory), tokenizer, data (source: an
 earlier stage that wrote sft/ data, e.g. "world", a path of dialogue JSONL, or "tfds:NAME[@SPLIT]"
 of a dialogues dataset under data_dir (data_pipelines/tfds_sources.py); eval_source; seq_len;
-eval_batches; skip_bad_rows), train, optimizer, z_loss, plan, rollout_plan. The model is the one
-in init_from (`lm aot` follows init_from through the experiment to find its shape).
+eval_batches; skip_bad_rows), safety_data and safety_fraction (safety demonstrations mixed into
+the training split, §8.2), train, optimizer, z_loss, plan, rollout_plan. The model is the one in
+init_from (`lm aot` follows init_from through the experiment to find its shape).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
+import random
 
 from data_pipelines import chat as chat_data
 from data_pipelines import text
@@ -39,6 +42,11 @@ class Config:
   rollout_plan: str = "rollout"
   # > 0: train this many passes over the packed rows, overriding train.steps (the paper: 2).
   epochs: float = 0.0
+  # Safety demonstrations (§8.2) added to the training split: a stage that wrote
+  # sft/safety.jsonl (the world) or dialogue JSONL; "" for none. `safety_fraction` of them are
+  # used, drawn at random (§8.3's scaling ablation varies it from 0 to 1).
+  safety_data: str = ""
+  safety_fraction: float = 1.0
 
 
 def train_steps(cfg: Config, packed_rows: int) -> int:
@@ -57,8 +65,24 @@ def _source(cfg: Config, ctx, split: str) -> str:
   return cfg.data.source if split == "train" else (cfg.data.eval_source or cfg.data.source)
 
 
+def safety_dialogues(cfg: Config, ctx, bad: text.BadRows) -> list:
+  """`safety_fraction` of the safety demonstrations, [(where, messages)], drawn with the seed."""
+  if not cfg.safety_data:
+    return []
+  where = f"stages.{ctx.name}"
+  if not 0.0 <= cfg.safety_fraction <= 1.0:
+    raise ValueError(f"{where}.safety_fraction must be in [0, 1], got {cfg.safety_fraction}")
+  path = (os.path.join(ctx.outputs[cfg.safety_data], "sft", "safety.jsonl")
+          if cfg.safety_data in ctx.outputs else cfg.safety_data)
+  if not os.path.exists(path):
+    raise ValueError(f"{where}.safety_data: {path} does not exist")
+  dialogues = list(chat_data.read_dialogues(path, bad))
+  return random.Random(ctx.seed).sample(dialogues, round(cfg.safety_fraction * len(dialogues)))
+
+
 def packed(cfg: Config, ctx, tokenizer: Tokenizer, split: str):
-  """The split's dialogues encoded (loss on answers) and packed into rows; (rows, (report, bad))."""
+  """The split's dialogues encoded (loss on answers) and packed into rows, the safety
+  demonstrations added to the training split; (rows, (report, bad))."""
   report, bad = chat_data.PackReport(), text.BadRows(cfg.data.skip_bad_rows)
   source = _source(cfg, ctx, split)
   if source.startswith("tfds:"):
@@ -67,6 +91,9 @@ def packed(cfg: Config, ctx, tokenizer: Tokenizer, split: str):
                                        cfg.data.data_dir or None)
   else:
     dialogues = chat_data.read_dialogues(source, bad)
+  if split == "train":
+    report.mixed_in = len(safety := safety_dialogues(cfg, ctx, bad))
+    dialogues = itertools.chain(dialogues, safety)
   examples = chat_data.encode_examples(dialogues, tokenizer.encode_dialog, cfg.data.seq_len, bad)
   return chat_data.pack_examples(examples, cfg.data.seq_len, report), (report, bad)
 
@@ -124,7 +151,7 @@ def run(cfg: Config, ctx) -> dict:
                      seq_len=cfg.data.seq_len)
   result.update(before)
   result.update(packed_examples=report.examples, packed_rows=report.rows, row_fill=report.fill,
-                train_steps=tr.cfg.steps,
+                safety_examples=report.mixed_in, train_steps=tr.cfg.steps,
                 **kit.dropped(bad))
   return result
 

@@ -1,0 +1,102 @@
+"""Best-of-K for rejection sampling (lm/stages/rejection_sampling.py): K answers per prompt
+sampled in chunks that survive a crash, and the reward models' ranking of candidate answers.
+
+An answer is {"tokens": the generated ids (EOS included when reached), "finished": bool}; the ids,
+not their decoded text, are what the RMs score, so a later iteration re-scores exactly what was
+sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from lm import checkpoints, roles, rollout, sampling, scoring
+from lm.tokenizer import Tokenizer
+
+
+def sample(policy: roles.Role, prompt_tokens: list[list[int]], k: int,
+           cfg: sampling.SamplingConfig, rng: jax.Array, batch_size: int) -> list[list[dict]]:
+  """K answers per prompt: [prompt][sample] {"tokens" (EOS included when reached), "finished"}."""
+  samples = rollout.generate(policy, [p for p in prompt_tokens for _ in range(k)], cfg, rng,
+                             batch_size=batch_size)
+  answers = [{"tokens": samples.answer(i), "finished": bool(samples.finished[i])}
+             for i in range(len(samples.prompts))]
+  return [answers[i * k:(i + 1) * k] for i in range(len(prompt_tokens))]
+
+
+def chunked_samples(policy, prompt_tokens, k: int, cfg: sampling.SamplingConfig, seed: int,
+                    chunk_prompts: int, batch_size: int, directory: str, log) -> list[list[dict]]:
+  """`sample` over chunks of prompts, each saved to directory/chunk_NNNNN.json when done and read
+  back instead of sampled again; chunk c draws with fold_in(key(seed), c)."""
+  os.makedirs(directory, exist_ok=True)
+  result = []
+  chunks = range(0, len(prompt_tokens), chunk_prompts)
+  for c, start in enumerate(chunks):
+    path = os.path.join(directory, f"chunk_{c:05d}.json")
+    if os.path.exists(path):
+      result += json.load(open(path))
+      continue
+    answers = sample(policy, prompt_tokens[start:start + chunk_prompts], k, cfg,
+                     jax.random.fold_in(jax.random.key(seed), c), batch_size)
+    checkpoints.write_atomically(path, json.dumps(answers))
+    result += answers
+    log(f"  sampled {min(start + chunk_prompts, len(prompt_tokens))}/{len(prompt_tokens)} "
+        f"prompts x {k}")
+  return result
+
+
+class Ranker:
+  """Scores answers (token ids) to prompts with the reward models, once per distinct answer."""
+
+  def __init__(self, models: scoring.RewardModels, tokenizer: Tokenizer):
+    self.models, self.tokenizer = models, tokenizer
+
+  @classmethod
+  def load(cls, reward, ctx, plan: str, tokenizer: Tokenizer) -> "Ranker":
+    """The RMs a `Reward` config section names, frozen, on the stage's mesh and `plan`."""
+    mesh = ctx.mesh()
+    load = lambda ref: roles.load(ref, ctx.output_of(ref), mesh, head="scalar",  # noqa: E731
+                                  plan=plan, dtype=reward.dtype or None)
+    return cls(scoring.RewardModels(
+        load(reward.helpful), load(reward.safety) if reward.safety else None, reward.seq_len,
+        reward.batch_size, reward.ranking, reward.threshold), tokenizer)
+
+  def eligible(self, prompt_tokens: list[int], answer: dict) -> bool:
+    tokens = answer["tokens"]
+    return (answer["finished"] and len(tokens) > 1
+            and len(prompt_tokens) + len(tokens) <= self.models.seq_len)
+
+  def rewards(self, prompts, prompt_tokens, candidates) -> tuple[np.ndarray, dict]:
+    """candidates[p] is a list of answers -> (rewards [P, C] padded with -inf, and the
+    helpful/safety scores of each distinct answer); ineligible answers get 0."""
+    width = max(len(c) for c in candidates)
+    out = np.full((len(candidates), width), -np.inf)
+    index: dict[tuple, int] = {}
+    sequences, safety_tags, places = [], [], []
+    for p, answers in enumerate(candidates):
+      for c, answer in enumerate(answers):
+        if not self.eligible(prompt_tokens[p], answer):
+          out[p, c] = 0.0
+          continue
+        key = (p, tuple(answer["tokens"]))
+        if key not in index:
+          index[key] = len(sequences)
+          sequences.append(np.asarray(prompt_tokens[p] + answer["tokens"], np.int32))
+          safety_tags.append(prompts[p].is_safety)
+        places.append((p, c, index[key]))
+    scores = (self.models.score(sequences, safety_tags) if sequences
+              else {"reward": np.zeros((0,))})
+    for p, c, i in places:
+      out[p, c] = scores["reward"][i]
+    return out, scores
+
+  def replies(self, prompts, texts: list[str]) -> dict[str, np.ndarray]:
+    """RM scores of text replies (greedy evaluations): {"helpful", "safety", "reward"} [P]."""
+    sequences = [np.asarray(self.tokenizer.encode_dialog(
+        list(p.messages) + [{"role": "assistant", "content": t or "..."}]).tokens, np.int32)
+        for p, t in zip(prompts, texts)]
+    return self.models.score(sequences, [p.is_safety for p in prompts])

@@ -1,0 +1,395 @@
+"""Rejection-sampling fine-tuning (LLAMA2.md §7.2), on the generate -> filter -> fine-tune
+skeleton (lm/stages/self_distill.py).
+
+1. Temperature: a sweep over `sampling.temperatures` on the first `sampling.sweep_prompts`
+   prompts picks the T whose best-of-K reward is highest (Figure 8), or `sampling.temperature`
+   is used as given.
+2. Every prompt gets K answers from the starting model through the rollout path, in chunks of
+   `sampling.chunk_prompts` prompts; each chunk is saved when done (DIR/samples/), so a stage
+   killed while sampling resumes at the next chunk, and every chunk draws from its own key, so
+   the samples are those of an uninterrupted run. All samples go to DIR/samples.jsonl, which a
+   later iteration's `pool` reads. With `samples_from` another stage's samples are used instead
+   (§7.2 item 4: smaller models fine-tune on the largest model's samples).
+3. The candidates of a prompt are its K samples, then the samples of every `pool` stage for the
+   same prompt (§7.2 item 5), all scored by this stage's reward models (so a pool is re-scored
+   under the current RMs). The ranking reward is the safety-gated R_c of §7.3, or the helpfulness
+   RM alone (`reward.ranking` [U]). A sample that did not reach EOS, is empty, or is longer than
+   the RMs' rows gets reward 0 and is never picked. The best candidate per prompt (ties: the
+   first, so the current iteration's) becomes the target.
+4. The starting model is fine-tuned on (prompt, best answer) with the SFT recipe, loss on the
+   answer only.
+
+Measured into metrics.json and report.md: reward vs N (Figure 7: mean max and median reward of
+the first N samples) with the best-of-N KL bound, the temperature sweep, how many picks came
+from the pool, the gold scores (lm/evals/rlhf.py) of all samples and of the picked ones, and
+gold and RM scores of greedy replies to held-out prompts before and after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from data_pipelines import preferences, text
+from lm import best_of_n, checkpoints, optim, roles, rollout, sampling, scoring, sharding, trainer
+from lm.evals import rlhf as rlhf_evals
+from lm.stages import kit, self_distill
+from lm.stages.best_of_k import Ranker, chunked_samples, sample
+from lm.tokenizer import Tokenizer
+
+DATA_FILE = "rs_data.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+SWEEP_FILE = "temperature_sweep.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Data(kit.DataConfig):
+  """Prompts ({"prompt" or "messages", "is_safety", "category", "answer"}): `source` a stage
+  that wrote prompts/{train,eval}.jsonl (the world) or JSONL; `eval_source` the held-out prompts
+  of the gold check (default the source's prompts/eval.jsonl); `max_prompts` > 0 keeps the
+  first that many."""
+
+  max_prompts: int = 0
+  eval_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  samples_per_prompt: int = 10  # K; the paper studies 1-100 (Figure 7) and uses 20 (Figure 26)
+  temperature: float = 1.0  # used when `temperatures` is empty
+  temperatures: tuple = ()  # swept on `sweep_prompts` prompts when given (Figure 8's legend)
+  sweep_prompts: int = 64
+  top_p: float = 1.0
+  max_new_tokens: int = 512
+  batch_size: int = 64  # rows per generate call
+  chunk_prompts: int = 256  # prompts per saved chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+  helpful: str = "rm_helpful"  # a stage or directory of a scalar-head model
+  safety: str = "rm_safety"  # "" for none (then `ranking` must be "helpful")
+  ranking: str = "safety_gated"  # or "helpful" [U]
+  threshold: float = 0.15
+  seq_len: int = 4096
+  batch_size: int = 16  # rows per scoring call
+  dtype: str = ""  # e.g. "bfloat16" for the frozen RMs
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+  """Greedy replies to the held-out prompts (`data.eval_source`), judged by the gold scorers
+  and the RMs; `max_prompts` > 0 keeps the first that many."""
+
+  max_new_tokens: int = 512
+  batch_size: int = 64
+  max_prompts: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  kind: str = "rejection_sampling"
+  init_from: str = "sft"  # the model that samples and is fine-tuned
+  tokenizer: str = "tokenizer"
+  data: Data = Data(source="world", seq_len=4096)
+  sampling: Sampling = Sampling()
+  reward: Reward = Reward()
+  pool: tuple = ()  # earlier rejection-sampling stages whose samples join the candidates
+  samples_from: str = ""  # a rejection-sampling stage whose samples to use instead of sampling
+  eval: Eval = Eval()
+  train: trainer.TrainConfig = trainer.TrainConfig(steps=500, batch_size=64)
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig(lr=2e-5, warmup_steps=0,
+                                                           final_lr_fraction=0.0)
+  z_loss: float = 0.0
+  plan: str = sharding.DEFAULT_PLAN
+  rollout_plan: str = "rollout"
+
+
+def _prompt_file(cfg: Config, ctx, split: str) -> str:
+  explicit = cfg.data.source if split == "train" else cfg.data.eval_source
+  if cfg.data.source in ctx.outputs and not (split == "eval" and explicit):
+    return os.path.join(ctx.outputs[cfg.data.source], "prompts", f"{split}.jsonl")
+  if not explicit:
+    raise ValueError(f"stages.{ctx.name}.data.{'source' if split == 'train' else 'eval_source'} "
+                     f"is empty: give prompt JSONL or a stage that wrote prompts/")
+  return explicit
+
+
+def _samples_path(reference: str, ctx, field: str) -> str:
+  path = os.path.join(ctx.output_of(reference), SAMPLES_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"stages.{ctx.name}.{field}: {reference!r} has no {SAMPLES_FILE} (not a "
+                     f"rejection-sampling stage, or it has not sampled yet)")
+  return path
+
+
+@dataclasses.dataclass
+class Inputs:
+  model_cfg: object
+  init_dir: str
+  tokenizer_path: str
+  tokenizer: Tokenizer
+  prompts: list  # data_pipelines.preferences.Prompt
+  eval_prompts: list
+  pool: list[tuple[str, str]]  # (stage, samples.jsonl)
+  samples_from: str  # samples.jsonl or ""
+
+
+def validate(cfg: Config, ctx) -> Inputs:
+  """Everything that can be wrong with the inputs, checked before any model is loaded."""
+  where = f"stages.{ctx.name}"
+  s = cfg.sampling
+  if s.samples_per_prompt < 1 or s.chunk_prompts < 1:
+    raise ValueError(f"{where}.sampling: samples_per_prompt and chunk_prompts must be >= 1")
+  if cfg.reward.ranking not in scoring.RANKINGS:
+    raise ValueError(f"{where}.reward.ranking must be one of {scoring.RANKINGS}, got "
+                     f"{cfg.reward.ranking!r}")
+  if cfg.reward.ranking == "safety_gated" and not cfg.reward.safety:
+    raise ValueError(f"{where}.reward.safety is empty: the safety-gated ranking needs a safety "
+                     f"RM (or set reward.ranking='helpful')")
+  model_cfg, init_dir, tokenizer_path = kit.chat_start(cfg, ctx, "a chat (SFT or RLHF) model")
+  bad = text.BadRows(cfg.data.skip_bad_rows)
+  prompts = preferences.read_prompts(_prompt_file(cfg, ctx, "train"), bad)
+  prompts = prompts[:cfg.data.max_prompts or None]
+  eval_prompts = preferences.read_prompts(_prompt_file(cfg, ctx, "eval"), bad)
+  eval_prompts = eval_prompts[:cfg.eval.max_prompts or None]
+  if not prompts or not eval_prompts:
+    raise ValueError(f"{where}.data: no valid prompts to sample ({len(prompts)}) or to "
+                     f"evaluate ({len(eval_prompts)})")
+  pool = [(stage, _samples_path(stage, ctx, "pool")) for stage in cfg.pool]
+  samples_from = _samples_path(cfg.samples_from, ctx, "samples_from") if cfg.samples_from else ""
+  for reference, path in pool + ([(cfg.samples_from, samples_from)] if samples_from else []):
+    theirs = os.path.join(os.path.dirname(path), checkpoints.TOKENIZER_FILE)
+    if os.path.exists(theirs) and not filecmp.cmp(theirs, tokenizer_path, shallow=False):
+      raise ValueError(f"{where}: {reference!r} sampled with another tokenizer; its token ids "
+                       f"mean nothing to this stage's models")
+  return Inputs(model_cfg, init_dir, tokenizer_path, Tokenizer(tokenizer_path), prompts,
+                eval_prompts, pool, samples_from)
+
+
+def prompt_key(prompt) -> str:
+  return json.dumps(list(prompt.messages), sort_keys=True)
+
+
+def _sampling_cfg(cfg: Config, temperature: float, eos_id: int) -> sampling.SamplingConfig:
+  return sampling.SamplingConfig(temperature=temperature, top_p=cfg.sampling.top_p,
+                                 max_new_tokens=cfg.sampling.max_new_tokens, eos_id=eos_id)
+
+
+def _text(tokenizer: Tokenizer, answer: dict) -> str:
+  return tokenizer.decode([t for t in answer["tokens"] if t != tokenizer.eos_id]).strip()
+
+
+def read_samples(path: str) -> dict[str, dict]:
+  """A samples.jsonl: prompt key -> {"answers": [...], "temperature"}."""
+  return {row["key"]: row for row in self_distill.read_jsonl(path)}
+
+
+class RejectionSampling:
+  """Rejection sampling's generate / encode / evaluate for the self-distillation skeleton."""
+
+  data_file = DATA_FILE
+
+  def __init__(self, cfg: Config, ctx, inputs: Inputs, log=print, ranker: Ranker | None = None):
+    self.cfg, self.ctx, self.inputs = cfg, ctx, inputs
+    self.encode = kit.encode_last_turn(inputs.tokenizer)
+    self.ranker = ranker or Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
+    self.log = log
+    self.sweep: dict = {}
+    self.sweep_seconds = 0.0
+    self.curve: dict = {}
+
+  def _tokens(self, prompts) -> list[list[int]]:
+    return [self.inputs.tokenizer.encode_dialog(list(p.messages)).tokens.tolist()
+            for p in prompts]
+
+  def temperature(self, policy: roles.Role) -> float:
+    """The swept temperature (cached in DIR/temperature_sweep.json), or the configured one."""
+    s = self.cfg.sampling
+    if not s.temperatures:
+      return s.temperature
+    prompts = self.inputs.prompts[:s.sweep_prompts]
+    tokens = self._tokens(prompts)
+
+    def sweep() -> dict:
+      curves = {}
+      for i, t in enumerate(s.temperatures):
+        answers = sample(policy, tokens, s.samples_per_prompt,
+                         _sampling_cfg(self.cfg, float(t), self.inputs.tokenizer.eos_id),
+                         jax.random.fold_in(jax.random.key(self.ctx.seed + 1), i), s.batch_size)
+        rewards, _ = self.ranker.rewards(prompts, tokens, answers)
+        curves[str(float(t))] = best_of_n.reward_vs_n(rewards)
+        self.log(f"  temperature {t}: best of {s.samples_per_prompt} "
+                 f"{curves[str(float(t))]['max'][-1]:.3f}")
+      return curves
+
+    start = time.perf_counter()
+    self.sweep = self_distill.cached(os.path.join(self.ctx.directory, SWEEP_FILE), sweep)
+    self.sweep_seconds = time.perf_counter() - start
+    return float(max(self.sweep, key=lambda t: self.sweep[t]["max"][-1]))
+
+  def own_samples(self, policy: roles.Role, tokens) -> tuple[list[list[dict]], float]:
+    """K answers per prompt: sampled (chunk by chunk, resumable), or `samples_from`'s."""
+    if self.inputs.samples_from:
+      theirs = read_samples(self.inputs.samples_from)
+      missing = [p.where for p in self.inputs.prompts if prompt_key(p) not in theirs]
+      if missing:
+        raise ValueError(f"stages.{self.ctx.name}.samples_from has no samples for {len(missing)} "
+                         f"prompts, the first {missing[0]}")
+      rows = [theirs[prompt_key(p)] for p in self.inputs.prompts]
+      return [r["answers"] for r in rows], rows[0]["temperature"]
+    temperature = self.temperature(policy)
+    self.log(f"stages.{self.ctx.name}: sampling {self.cfg.sampling.samples_per_prompt} answers "
+             f"to each of {len(tokens)} prompts at T={temperature}")
+    answers = chunked_samples(
+        policy, tokens, self.cfg.sampling.samples_per_prompt,
+        _sampling_cfg(self.cfg, temperature, self.inputs.tokenizer.eos_id), self.ctx.seed,
+        self.cfg.sampling.chunk_prompts, self.cfg.sampling.batch_size,
+        os.path.join(self.ctx.directory, "samples"), self.log)
+    return answers, temperature
+
+  def generate(self, policy: roles.Role, log) -> tuple[list[dict], dict]:
+    """Steps 1-3: samples, the pool, the ranking, the best answer per prompt."""
+    prompts, tokenizer = self.inputs.prompts, self.inputs.tokenizer
+    tokens = self._tokens(prompts)
+    start = time.perf_counter()
+    own, temperature = self.own_samples(policy, tokens)
+    sampling_seconds = time.perf_counter() - start - self.sweep_seconds
+    k = len(own[0])
+    self_distill.write_jsonl(os.path.join(self.ctx.directory, SAMPLES_FILE), [
+        {"key": prompt_key(p), "answers": a, "temperature": temperature}
+        for p, a in zip(prompts, own)])
+    candidates, sources = [list(a) for a in own], [["current"] * k for _ in own]
+    for stage, path in self.inputs.pool:
+      theirs = read_samples(path)
+      for p, prompt in enumerate(prompts):
+        extra = theirs.get(prompt_key(prompt), {"answers": []})["answers"]
+        candidates[p] += extra
+        sources[p] += [stage] * len(extra)
+    log(f"stages.{self.ctx.name}: scoring {sum(map(len, candidates))} candidates "
+        f"({k} per prompt sampled, the rest from the pool {[s for s, _ in self.inputs.pool]})")
+    start = time.perf_counter()
+    rewards, _ = self.ranker.rewards(prompts, tokens, candidates)
+    scoring_seconds = time.perf_counter() - start
+    eligible = np.array([[c < len(cands) and self.ranker.eligible(tokens[p], cands[c])
+                          for c in range(rewards.shape[1])]
+                         for p, cands in enumerate(candidates)])
+    best = best_of_n.pick_best(rewards, eligible)
+    self.curve = best_of_n.reward_vs_n(rewards[:, :k])
+    rows, picked, all_texts = [], [], []
+    for p, prompt in enumerate(prompts):
+      all_texts.append([_text(tokenizer, a) for a in own[p]])
+      if best[p] < 0:
+        continue
+      answer = _text(tokenizer, candidates[p][best[p]])
+      picked.append((prompt, answer))
+      rows.append({"messages": list(prompt.messages) + [{"role": "assistant", "content": answer}],
+                   "reward": float(rewards[p, best[p]]), "source": sources[p][best[p]],
+                   "is_safety": prompt.is_safety})
+    gold_samples = rlhf_evals.gold_metrics(
+        [p for p, texts in zip(prompts, all_texts) for _ in texts],
+        [t for texts in all_texts for t in texts])
+    gold_picked = rlhf_evals.gold_metrics(*zip(*picked)) if picked else {}
+    counts = {
+        "prompts": len(prompts), "samples_per_prompt": k, "temperature": temperature,
+        "kept": len(rows), "no_eligible_sample": int(np.sum(best < 0)),
+        "unfinished_samples": int(sum(not a["finished"] for a in sum(own, []))),
+        "best_from_pool": int(sum(r["source"] != "current" for r in rows)),
+        "mean_reward_samples": float(np.mean(rewards[:, :k])),
+        "mean_reward_picked": float(np.mean([r["reward"] for r in rows])) if rows else 0.0,
+        "generated_tokens": int(sum(len(a["tokens"]) for a in sum(own, []))),
+        # Rollout time apart from scoring's (both near 0 when read back from saved chunks or
+        # taken from `samples_from`).
+        "sweep_seconds": self.sweep_seconds, "sampling_seconds": sampling_seconds,
+        "sampling_tokens_per_second": sum(len(a["tokens"]) for a in sum(own, [])) / max(
+            sampling_seconds, 1e-9), "scoring_seconds": scoring_seconds,
+        "scored_candidates": int(np.sum(eligible)),
+        "reward_vs_n_n": self.curve["n"], "reward_vs_n_max": self.curve["max"],
+        "reward_vs_n_median": self.curve["median"], "best_of_n_kl": self.curve["kl_bound"]}
+    for prefix, gold in (("samples", gold_samples), ("picked", gold_picked)):
+      counts.update({f"{prefix}_{key}": gold[key] for key in ("gold_helpful", "gold_safe_rate")
+                     if key in gold})
+    if self.sweep:
+      counts.update({f"temperature_sweep_{t}": c["max"][-1] for t, c in self.sweep.items()})
+    return rows, counts
+
+  def evaluate(self, policy: roles.Role, when: str) -> dict:
+    """Greedy replies to the held-out prompts: gold scores and the RMs' view of them; the
+    replies go to DIR/eval_<when>.jsonl."""
+    prompts, tokenizer = self.inputs.eval_prompts, self.inputs.tokenizer
+    cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens,
+                                  eos_id=tokenizer.eos_id)
+    samples = rollout.generate(policy, self._tokens(prompts), cfg, jax.random.key(0),
+                               batch_size=self.cfg.eval.batch_size)
+    texts = rollout.decode(samples, tokenizer)
+    scores = self.ranker.replies(prompts, texts)
+    self_distill.write_jsonl(os.path.join(self.ctx.directory, f"eval_{when}.jsonl"), [
+        {"messages": list(p.messages), "reply": t, "is_safety": p.is_safety,
+         "reward": float(r), "gold": rlhf_evals.gold_judgement(p, t)}
+        for p, t, r in zip(prompts, texts, scores["reward"])])
+    safety = np.array([p.is_safety for p in prompts])
+    metrics = rlhf_evals.gold_metrics(prompts, texts)
+    metrics["rm_reward"] = float(np.mean(scores["reward"]))
+    metrics["rm_helpful_on_helpful"] = float(np.mean(scores["helpful"][~safety])) if (
+        ~safety).any() else 0.0
+    if "safety" in scores and safety.any():
+      metrics["rm_safety_on_safety"] = float(np.mean(scores["safety"][safety]))
+    return metrics
+
+
+def _report(ctx, stage: RejectionSampling, before: dict, after: dict, counts: dict) -> str:
+  curve = {"n": counts["reward_vs_n_n"], "max": counts["reward_vs_n_max"],
+           "median": counts["reward_vs_n_median"], "kl_bound": counts["best_of_n_kl"]}
+  rlhf_evals.plot_reward_vs_n({f"T={counts['temperature']}": curve},
+                              os.path.join(ctx.directory, "reward_vs_n.png"),
+                              f"{ctx.name}: reward of the best and the median of N samples")
+  parts = ["### Reward of the best and the median of N samples (Figure 7's shape)\n",
+           rlhf_evals.reward_vs_n_table(curve),
+           f"\n![reward vs N]({ctx.name}/reward_vs_n.png)\n"]
+  if stage.sweep:
+    parts += ["### Temperature sweep (Figure 8's shape): mean best-of-N reward\n",
+              rlhf_evals.sweep_table(stage.sweep), f"\nPicked T = {counts['temperature']}.\n"]
+  rows = [("gold helpfulness (held-out prompts)", "gold_helpful"),
+          ("gold safe-response rate", "gold_safe_rate"),
+          ("refusals of helpful prompts", "refusal_rate_helpful"), ("RM reward", "rm_reward")]
+  parts += ["### Greedy replies to held-out prompts, before and after\n",
+            "| | before | after |", "|---|---|---|"]
+  parts += [f"| {label} | {before.get(key, 0):.3f} | {after.get(key, 0):.3f} |"
+            for label, key in rows]
+  parts.append(f"\nTraining answers: {counts['kept']} of {counts['prompts']} prompts, "
+               f"{counts['best_from_pool']} from the pool; gold helpfulness of all samples "
+               f"{counts.get('samples_gold_helpful', 0):.3f} vs the picked "
+               f"{counts.get('picked_gold_helpful', 0):.3f}, safe rate "
+               f"{counts.get('samples_gold_safe_rate', 0):.3f} vs "
+               f"{counts.get('picked_gold_safe_rate', 0):.3f}.\n")
+  return "\n".join(parts)
+
+
+def run(cfg: Config, ctx, log=print) -> dict:
+  inputs = validate(cfg, ctx)
+  stage = RejectionSampling(cfg, ctx, inputs, log)
+  result, before, after = self_distill.run(cfg, ctx, stage, inputs.init_dir,
+                                           inputs.tokenizer_path, log)
+  if result.get("preempted"):
+    return result
+  counts = {k.removeprefix("data_"): v for k, v in result.items() if k.startswith("data_")}
+  stage.sweep = stage.sweep or (json.load(open(os.path.join(ctx.directory, SWEEP_FILE)))
+                                if os.path.exists(os.path.join(ctx.directory, SWEEP_FILE))
+                                else {})
+  checkpoints.write_atomically(os.path.join(ctx.directory, "report.md"),
+                               _report(ctx, stage, before, after, counts))
+  return result
+
+
+def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
+  """Gold and RM scores of any model directory's greedy replies to the held-out prompts."""
+  inputs = validate(cfg, ctx)
+  policy = kit.rollout_role(roles.load("policy", model_dir, ctx.mesh(), head="lm",
+                                       plan=cfg.plan), cfg.rollout_plan)
+  return RejectionSampling(cfg, ctx, inputs).evaluate(policy, "eval")
