@@ -115,7 +115,7 @@ def reward_stage(preset: str, track: str) -> ml_collections.ConfigDict:
 
 # RLHF versions by rejection sampling; from POOL_FROM on, a version's candidates include every
 # earlier version's samples (LLAMA2.md §7.2 item 5: from RLHF-V3 on in the paper).
-RS_VERSIONS = {"tiny": 3, "test": 2}
+RS_VERSIONS = {"tiny": 3, "test": 1}
 POOL_FROM = {"tiny": 3, "test": 2}
 
 

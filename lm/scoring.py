@@ -61,7 +61,7 @@ def pack_sequences(sequences: Sequence[np.ndarray], seq_len: int) -> dict[str, n
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _scores_at(graphdef, params, tokens, positions, segment_ids, index):
+def scores_program(graphdef, params, tokens, positions, segment_ids, index):
   values, _ = model.apply(graphdef, params, tokens, positions=positions, segment_ids=segment_ids)
   return jnp.take_along_axis(values, index, axis=1)
 
@@ -83,7 +83,7 @@ def row_scores(role: Role, rows: dict[str, np.ndarray], batch_size: int) -> np.n
                  for k, v in batch.items()}
       placed = {k: jax.device_put(v, sharding.data_sharding(role.mesh, v.ndim, role.rules, v.shape))
                 for k, v in batch.items()}
-      scores = _scores_at(role.graphdef, role.params, placed["tokens"], placed["positions"],
+      scores = scores_program(role.graphdef, role.params, placed["tokens"], placed["positions"],
                           placed["segment_ids"], placed["index"])
       out[start:start + real] = np.asarray(jax.device_get(scores))[:real]
   return out

@@ -45,19 +45,23 @@ def test_paper_sizes_fit_their_slices(preset, topology):
 
 
 @pytest.mark.parametrize("preset, topology, stage", [("13b", "v5e-256", "rm_helpful"),
-                                                     ("70b", "v5p-512", "gatt")])
+                                                     ("70b", "v5p-512", "gatt"),
+                                                     ("70b", "v5p-512", "rs_v1")])
 def test_chat_stages_fit_their_slices(preset, topology, stage):
   """A reward model compiles its train step (scalar head, 512 pairs in 8 micro-batches); GAtt its
   train step (SFT's, on other data) and its sampling program (a batch of prompts at the longest
   the budget allows, then the decode loop over the KV cache)."""
   reports = aot.fit_reports(llama2_chat.get_config(preset), topology, stage)
-  assert list(reports) == ["train step"] + (["sampling"] if stage == "gatt" else [])
+  programs = {"gatt": ["sampling"], "rs_v1": ["sampling", "scoring"]}.get(stage, [])
+  assert list(reports) == ["train step"] + programs
   for report in reports.values():
     print(f"\n{preset} {stage} on {topology}\n{report.table()}")
     assert report.fits
   assert_holds(reports["train step"], preset, 12, "scalar" if stage.startswith("rm") else "lm")
   if "sampling" in reports:
     assert_holds(reports["sampling"], preset, 4)
+  if "scoring" in reports:  # a bf16 RM of the policy's size: 2 bytes a parameter
+    assert_holds(reports["scoring"], preset, 2, "scalar")
 
 
 def test_cli_prints_the_fit_table_and_errors_are_clear():

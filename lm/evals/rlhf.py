@@ -1,4 +1,5 @@
-"""RLHF evals: gold judgements of replies, the reward-vs-N curve (Figure 7), their tables.
+"""RLHF evals: gold judgements of replies, the reward-vs-N curve (Figure 7), their tables and
+the rejection-sampling report.
 
 Gold: the synthetic world's own scorers, which no model was trained on, judge a reply against the
 prompt's labels: a helpful prompt with a ground-truth `answer` is answered when the reply states
@@ -10,6 +11,7 @@ scores fall is over-optimisation (Gao et al. 2022).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -65,6 +67,36 @@ def sweep_table(sweep: dict) -> str:
   for t in temperatures:
     lines.append(f"| {t} | " + " | ".join(f"{v:.3f}" for v in sweep[t]["max"]) + " |")
   return "\n".join(lines)
+
+
+def rs_report(name: str, directory: str, sweep: dict, before: dict, after: dict,
+              counts: dict) -> str:
+  """A rejection-sampling stage's report.md section (and its reward_vs_n.png): Figure 7, the
+  temperature sweep, greedy held-out replies before and after, the training answers' sources."""
+  curve = {"n": counts["reward_vs_n_n"], "max": counts["reward_vs_n_max"],
+           "median": counts["reward_vs_n_median"], "kl_bound": counts["best_of_n_kl"]}
+  plot_reward_vs_n({f"T={counts['temperature']}": curve}, os.path.join(directory, "reward_vs_n.png"),
+                   f"{name}: reward of the best and the median of N samples")
+  parts = ["### Reward of the best and the median of N samples (Figure 7's shape)\n",
+           reward_vs_n_table(curve),
+           f"\n![reward vs N]({name}/reward_vs_n.png)\n"]
+  if sweep:
+    parts += ["### Temperature sweep (Figure 8's shape): mean best-of-N reward\n",
+              sweep_table(sweep), f"\nPicked T = {counts['temperature']}.\n"]
+  rows = [("gold helpfulness (held-out prompts)", "gold_helpful"),
+          ("gold safe-response rate", "gold_safe_rate"),
+          ("refusals of helpful prompts", "refusal_rate_helpful"), ("RM reward", "rm_reward")]
+  parts += ["### Greedy replies to held-out prompts, before and after\n",
+            "| | before | after |", "|---|---|---|"]
+  parts += [f"| {label} | {before.get(key, 0):.3f} | {after.get(key, 0):.3f} |"
+            for label, key in rows]
+  parts.append(f"\nTraining answers: {counts['kept']} of {counts['prompts']} prompts, "
+               f"{counts['best_from_pool']} from the pool; gold helpfulness of all samples "
+               f"{counts.get('samples_gold_helpful', 0):.3f} vs the picked "
+               f"{counts.get('picked_gold_helpful', 0):.3f}, safe rate "
+               f"{counts.get('samples_gold_safe_rate', 0):.3f} vs "
+               f"{counts.get('picked_gold_safe_rate', 0):.3f}.\n")
+  return "\n".join(parts)
 
 
 def plot_reward_vs_n(curves: dict[str, dict], path: str, title: str) -> None:

@@ -28,15 +28,13 @@ import os
 import random
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import chat as chat_data
 from data_pipelines import instructions as instructions_lib
 from data_pipelines import text
 from data_pipelines.text import DataError
-from lm import (checkpoints, configs, hardware, model, optim, roles, rollout, sampling, sharding,
-                trainer)
+from lm import checkpoints, configs, optim, roles, rollout, sampling, sharding, trainer
 from lm.evals import adherence
 from lm.roles import Role
 from lm.stages import kit, self_distill, sft
@@ -365,26 +363,12 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
 
 
 def sampling_program(cfg: Config, model_cfg: configs.ModelConfig, mesh):
-  """(jitted generate, abstract args, model FLOPs per call) of GAtt's largest sampling call:
-  `sampling.batch_size` prompts at the longest padded length the prompt budget allows, plus
-  `max_new_tokens` (one prefill, then the decode loop over a cache of that many slots), on the
-  rollout plan it runs under; nothing is allocated."""
-  rules = sharding.plan_rules(cfg.rollout_plan)
-  graphdef, _ = model.abstract_model(model_cfg, "lm", rules)
-  params = model.abstract_params(model_cfg, mesh, rules)
+  """GAtt's largest sampling call, for `lm aot`: `sampling.batch_size` prompts at the longest
+  the prompt budget allows, on the rollout plan (kit.sampling_program)."""
   # The EOS id only decides when rows stop, not any shape.
-  sampling_cfg = _sampling_cfg(cfg.sampling, sampling.SamplingConfig.eos_id)
-  shape = (cfg.sampling.batch_size, rollout.padded_length(prompt_budget(cfg, model_cfg)))
-  prompts = jax.ShapeDtypeStruct(shape, jnp.int32,
-                                 sharding=sharding.data_sharding(mesh, 2, rules, shape))
-  key = jax.eval_shape(jax.random.key, 0)
-  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-  args = (graphdef, model_cfg, sampling_cfg, params, prompts, prompts, rng)
-  # Forward only: a third of the training FLOPs per token, over prompt and new tokens.
-  length = shape[1] + sampling_cfg.max_new_tokens
-  flops = hardware.flops_per_token(configs.param_count(model_cfg), model_cfg.n_layers, length,
-                                   model_cfg.dim) / 3 * shape[0] * length
-  return sampling.generate_program, args, flops
+  return kit.sampling_program(
+      model_cfg, mesh, cfg.rollout_plan, _sampling_cfg(cfg.sampling, sampling.SamplingConfig.eos_id),
+      cfg.sampling.batch_size, prompt_budget(cfg, model_cfg))
 
 
 PROGRAMS = {"train step": kit.train_step_program, "sampling": sampling_program}

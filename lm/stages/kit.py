@@ -18,7 +18,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lm import checkpoints, configs, hardware, losses, model, optim, roles, sharding, trainer
+from lm import (checkpoints, configs, hardware, losses, model, optim, roles, rollout, sampling,
+                sharding, trainer)
 from lm.stages import common
 from lm.tokenizer import EncodedDialog, Tokenizer
 
@@ -171,3 +172,25 @@ def train_step_program(cfg, model_cfg: configs.ModelConfig, mesh) -> tuple[Any, 
   flops = hardware.flops_per_token(configs.param_count(model_cfg), model_cfg.n_layers,
                                    cfg.data.seq_len, model_cfg.dim) * shape[0] * shape[1]
   return step, (state, batch, None), flops
+
+
+def sampling_program(model_cfg: configs.ModelConfig, mesh, plan: str,
+                     sampling_cfg: sampling.SamplingConfig, batch_size: int, prompt_tokens: int):
+  """(jitted generate, abstract args, model FLOPs per call) of one rollout call of `batch_size`
+  prompts of `prompt_tokens` (padded to the rollout's length bucket), then
+  `max_new_tokens` decode steps over a KV cache of that many slots, on `plan`; nothing is
+  allocated."""
+  rules = sharding.plan_rules(plan)
+  graphdef, _ = model.abstract_model(model_cfg, "lm", rules)
+  params = model.abstract_params(model_cfg, mesh, rules)
+  shape = (batch_size, rollout.padded_length(prompt_tokens))
+  prompts = jax.ShapeDtypeStruct(shape, jnp.int32,
+                                 sharding=sharding.data_sharding(mesh, 2, rules, shape))
+  key = jax.eval_shape(jax.random.key, 0)
+  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+  args = (graphdef, model_cfg, sampling_cfg, params, prompts, prompts, rng)
+  # Forward only: a third of the training FLOPs per token, over prompt and new tokens.
+  length = shape[1] + sampling_cfg.max_new_tokens
+  flops = hardware.flops_per_token(configs.param_count(model_cfg), model_cfg.n_layers, length,
+                                   model_cfg.dim) / 3 * shape[0] * length
+  return sampling.generate_program, args, flops

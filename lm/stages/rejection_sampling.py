@@ -34,10 +34,12 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import preferences, text
-from lm import best_of_n, checkpoints, optim, roles, rollout, sampling, scoring, sharding, trainer
+from lm import (best_of_n, checkpoints, configs, hardware, model, optim, roles, rollout, sampling,
+                scoring, sharding, trainer)
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, self_distill
 from lm.stages.best_of_k import Ranker, chunked_samples, sample
@@ -343,34 +345,6 @@ class RejectionSampling:
     return metrics
 
 
-def _report(ctx, stage: RejectionSampling, before: dict, after: dict, counts: dict) -> str:
-  curve = {"n": counts["reward_vs_n_n"], "max": counts["reward_vs_n_max"],
-           "median": counts["reward_vs_n_median"], "kl_bound": counts["best_of_n_kl"]}
-  rlhf_evals.plot_reward_vs_n({f"T={counts['temperature']}": curve},
-                              os.path.join(ctx.directory, "reward_vs_n.png"),
-                              f"{ctx.name}: reward of the best and the median of N samples")
-  parts = ["### Reward of the best and the median of N samples (Figure 7's shape)\n",
-           rlhf_evals.reward_vs_n_table(curve),
-           f"\n![reward vs N]({ctx.name}/reward_vs_n.png)\n"]
-  if stage.sweep:
-    parts += ["### Temperature sweep (Figure 8's shape): mean best-of-N reward\n",
-              rlhf_evals.sweep_table(stage.sweep), f"\nPicked T = {counts['temperature']}.\n"]
-  rows = [("gold helpfulness (held-out prompts)", "gold_helpful"),
-          ("gold safe-response rate", "gold_safe_rate"),
-          ("refusals of helpful prompts", "refusal_rate_helpful"), ("RM reward", "rm_reward")]
-  parts += ["### Greedy replies to held-out prompts, before and after\n",
-            "| | before | after |", "|---|---|---|"]
-  parts += [f"| {label} | {before.get(key, 0):.3f} | {after.get(key, 0):.3f} |"
-            for label, key in rows]
-  parts.append(f"\nTraining answers: {counts['kept']} of {counts['prompts']} prompts, "
-               f"{counts['best_from_pool']} from the pool; gold helpfulness of all samples "
-               f"{counts.get('samples_gold_helpful', 0):.3f} vs the picked "
-               f"{counts.get('picked_gold_helpful', 0):.3f}, safe rate "
-               f"{counts.get('samples_gold_safe_rate', 0):.3f} vs "
-               f"{counts.get('picked_gold_safe_rate', 0):.3f}.\n")
-  return "\n".join(parts)
-
-
 def run(cfg: Config, ctx, log=print) -> dict:
   inputs = validate(cfg, ctx)
   stage = RejectionSampling(cfg, ctx, inputs, log)
@@ -382,8 +356,8 @@ def run(cfg: Config, ctx, log=print) -> dict:
   stage.sweep = stage.sweep or (json.load(open(os.path.join(ctx.directory, SWEEP_FILE)))
                                 if os.path.exists(os.path.join(ctx.directory, SWEEP_FILE))
                                 else {})
-  checkpoints.write_atomically(os.path.join(ctx.directory, "report.md"),
-                               _report(ctx, stage, before, after, counts))
+  checkpoints.write_atomically(os.path.join(ctx.directory, "report.md"), rlhf_evals.rs_report(
+      ctx.name, ctx.directory, stage.sweep, before, after, counts))
   return result
 
 
@@ -393,3 +367,34 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   policy = kit.rollout_role(roles.load("policy", model_dir, ctx.mesh(), head="lm",
                                        plan=cfg.plan), cfg.rollout_plan)
   return RejectionSampling(cfg, ctx, inputs).evaluate(policy, "eval")
+
+
+def sampling_program(cfg: Config, model_cfg, mesh):
+  """The K-samples rollout call for `lm aot`: `sampling.batch_size` rows (prompts repeated K
+  times) at the longest prompt the sequence leaves room for, on the rollout plan."""
+  budget = min(cfg.data.seq_len, 2 * model_cfg.max_seq_len) - cfg.sampling.max_new_tokens
+  return kit.sampling_program(model_cfg, mesh, cfg.rollout_plan,
+                              _sampling_cfg(cfg, 1.0, sampling.SamplingConfig.eos_id),
+                              cfg.sampling.batch_size, budget)
+
+
+def scoring_program(cfg: Config, model_cfg, mesh):
+  """One scoring call of a reward model (the policy's size, as the paper's 70B RMs) for `lm
+  aot`: `reward.batch_size` packed rows of `reward.seq_len`, in `reward.dtype`, on `plan`."""
+  rules = sharding.plan_rules(cfg.plan)
+  graphdef, _ = model.abstract_model(model_cfg, "scalar", rules)
+  params = model.abstract_params(model_cfg, mesh, rules, head="scalar")
+  if cfg.reward.dtype:
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.reward.dtype),
+                                                         sharding=a.sharding), params)
+  rows, index = (cfg.reward.batch_size, cfg.reward.seq_len), (cfg.reward.batch_size, 1)
+  spec = lambda shape: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, jnp.int32, sharding=sharding.data_sharding(mesh, 2, rules, shape))
+  flops = hardware.flops_per_token(configs.param_count(model_cfg), model_cfg.n_layers,
+                                   cfg.reward.seq_len, model_cfg.dim) / 3 * rows[0] * rows[1]
+  return scoring.scores_program, (graphdef, params, spec(rows), spec(rows), spec(rows),
+                                  spec(index)), flops
+
+
+PROGRAMS = {"train step": kit.train_step_program, "sampling": sampling_program,
+            "scoring": scoring_program}
