@@ -66,9 +66,10 @@ class Ranker:
         reward.batch_size, reward.ranking, reward.threshold), tokenizer)
 
   def eligible(self, prompt_tokens: list[int], answer: dict) -> bool:
+    """Finished (EOS reached), with some text, and short enough for the RMs' rows."""
     tokens = answer["tokens"]
-    return (answer["finished"] and len(tokens) > 1
-            and len(prompt_tokens) + len(tokens) <= self.models.seq_len)
+    return (answer["finished"] and len(prompt_tokens) + len(tokens) <= self.models.seq_len
+            and bool(answer_text(self.tokenizer, answer)))
 
   def rewards(self, prompts, prompt_tokens, candidates) -> tuple[np.ndarray, dict]:
     """candidates[p] is a list of answers -> (rewards [P, C] padded with -inf, and the
@@ -100,3 +101,8 @@ class Ranker:
         list(p.messages) + [{"role": "assistant", "content": t or "..."}]).tokens, np.int32)
         for p, t in zip(prompts, texts)]
     return self.models.score(sequences, [p.is_safety for p in prompts])
+
+
+def answer_text(tokenizer: Tokenizer, answer: dict) -> str:
+  """An answer's text without EOS, stripped ("" for one of whitespace or EOS alone)."""
+  return tokenizer.decode([t for t in answer["tokens"] if t != tokenizer.eos_id]).strip()

@@ -42,7 +42,7 @@ from lm import (best_of_n, checkpoints, configs, hardware, model, optim, roles, 
                 scoring, sharding, trainer)
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, self_distill
-from lm.stages.best_of_k import Ranker, chunked_samples, sample
+from lm.stages.best_of_k import Ranker, answer_text, chunked_samples, sample
 from lm.tokenizer import Tokenizer
 
 DATA_FILE = "rs_data.jsonl"
@@ -184,10 +184,6 @@ def _sampling_cfg(cfg: Config, temperature: float, eos_id: int) -> sampling.Samp
                                  max_new_tokens=cfg.sampling.max_new_tokens, eos_id=eos_id)
 
 
-def _text(tokenizer: Tokenizer, answer: dict) -> str:
-  return tokenizer.decode([t for t in answer["tokens"] if t != tokenizer.eos_id]).strip()
-
-
 def read_samples(path: str) -> dict[str, dict]:
   """A samples.jsonl: prompt key -> {"answers": [...], "temperature"}."""
   return {row["key"]: row for row in self_distill.read_jsonl(path)}
@@ -286,10 +282,10 @@ class RejectionSampling:
     self.curve = best_of_n.reward_vs_n(rewards[:, :k])
     rows, picked, all_texts = [], [], []
     for p, prompt in enumerate(prompts):
-      all_texts.append([_text(tokenizer, a) for a in own[p]])
+      all_texts.append([answer_text(tokenizer, a) for a in own[p]])
       if best[p] < 0:
         continue
-      answer = _text(tokenizer, candidates[p][best[p]])
+      answer = answer_text(tokenizer, candidates[p][best[p]])
       picked.append((prompt, answer))
       rows.append({"messages": list(prompt.messages) + [{"role": "assistant", "content": answer}],
                    "reward": float(rewards[p, best[p]]), "source": sources[p][best[p]],
