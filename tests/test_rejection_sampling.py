@@ -190,8 +190,8 @@ def test_sampling_killed_between_chunks_resumes_to_the_same_samples(tmp_path, mo
                         plan="rollout", seed=3)
   prompts = [[1, 5 + i, 9, 3 * i + 2] for i in range(10)]
   cfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=5, eos_id=2)
-  run = lambda d: best_of_k.chunked_samples(policy, prompts, 3, cfg, 7, 4, 8,  # noqa: E731
-                                            str(d), lambda m: None)
+  run = lambda d, stats=None: best_of_k.chunked_samples(  # noqa: E731
+      policy, prompts, 3, cfg, 7, 4, 8, str(d), lambda m: None, stats)
   whole = run(tmp_path / "whole")
   real, calls, kills = best_of_k.sample, [], []
 
@@ -206,9 +206,12 @@ def test_sampling_killed_between_chunks_resumes_to_the_same_samples(tmp_path, mo
   with pytest.raises(Killed):
     run(tmp_path / "killed")
   calls.clear()
-  resumed = run(tmp_path / "killed")
-  # Chunks 2 and 3 (4 and 2 prompts) are sampled; chunk 1 is read back, not sampled again.
+  stats = {}
+  resumed = run(tmp_path / "killed", stats)
+  # Chunks 2 and 3 (4 and 2 prompts) are sampled; chunk 1 is read back, not sampled again, and
+  # its tokens do not count towards the rollout's tokens/s.
   assert [len(c) for c in calls] == [4, 2]
+  assert stats["sampled_tokens"] == sum(len(a["tokens"]) for group in whole[4:] for a in group)
   assert resumed == whole and len(whole) == 10 and all(len(a) == 3 for a in whole)
   calls.clear()
   assert run(tmp_path / "killed") == whole and not calls  # a finished run samples nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -29,9 +30,11 @@ def sample(policy: roles.Role, prompt_tokens: list[list[int]], k: int,
 
 
 def chunked_samples(policy, prompt_tokens, k: int, cfg: sampling.SamplingConfig, seed: int,
-                    chunk_prompts: int, batch_size: int, directory: str, log) -> list[list[dict]]:
+                    chunk_prompts: int, batch_size: int, directory: str, log,
+                    stats: dict | None = None) -> list[list[dict]]:
   """`sample` over chunks of prompts, each saved to directory/chunk_NNNNN.json when done and read
-  back instead of sampled again; chunk c draws with fold_in(key(seed), c)."""
+  back instead of sampled again; chunk c draws with fold_in(key(seed), c). `stats` receives the
+  tokens and seconds of the chunks sampled in this call ("sampled_tokens", "sampling_seconds")."""
   os.makedirs(directory, exist_ok=True)
   result = []
   chunks = range(0, len(prompt_tokens), chunk_prompts)
@@ -40,8 +43,13 @@ def chunked_samples(policy, prompt_tokens, k: int, cfg: sampling.SamplingConfig,
     if os.path.exists(path):
       result += json.load(open(path))
       continue
+    began = time.perf_counter()
     answers = sample(policy, prompt_tokens[start:start + chunk_prompts], k, cfg,
                      jax.random.fold_in(jax.random.key(seed), c), batch_size)
+    if stats is not None:
+      stats["sampling_seconds"] = stats.get("sampling_seconds", 0.0) + time.perf_counter() - began
+      stats["sampled_tokens"] = stats.get("sampled_tokens", 0) + sum(
+          len(a["tokens"]) for group in answers for a in group)
     checkpoints.write_atomically(path, json.dumps(answers))
     result += answers
     log(f"  sampled {min(start + chunk_prompts, len(prompt_tokens))}/{len(prompt_tokens)} "

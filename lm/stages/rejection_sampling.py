@@ -201,6 +201,7 @@ class RejectionSampling:
     self.log = log
     self.sweep: dict = {}
     self.sweep_seconds = 0.0
+    self.sampled: dict = {}  # tokens and seconds of the chunks sampled (not read back) this run
     self.curve: dict = {}
 
   def _tokens(self, prompts) -> list[list[int]]:
@@ -249,16 +250,14 @@ class RejectionSampling:
         policy, tokens, self.cfg.sampling.samples_per_prompt,
         _sampling_cfg(self.cfg, temperature, self.inputs.tokenizer.eos_id), self.ctx.seed,
         self.cfg.sampling.chunk_prompts, self.cfg.sampling.batch_size,
-        os.path.join(self.ctx.directory, "samples"), self.log)
+        os.path.join(self.ctx.directory, "samples"), self.log, self.sampled)
     return answers, temperature
 
   def generate(self, policy: roles.Role, log) -> tuple[list[dict], dict]:
     """Steps 1-3: samples, the pool, the ranking, the best answer per prompt."""
     prompts, tokenizer = self.inputs.prompts, self.inputs.tokenizer
     tokens = self._tokens(prompts)
-    start = time.perf_counter()
     own, temperature = self.own_samples(policy, tokens)
-    sampling_seconds = time.perf_counter() - start - self.sweep_seconds
     k = len(own[0])
     self_distill.write_jsonl(os.path.join(self.ctx.directory, SAMPLES_FILE), [
         {"key": prompt_key(p), "answers": a, "temperature": temperature}
@@ -302,11 +301,12 @@ class RejectionSampling:
         "mean_reward_samples": float(np.mean(rewards[:, :k])),
         "mean_reward_picked": float(np.mean([r["reward"] for r in rows])) if rows else 0.0,
         "generated_tokens": int(sum(len(a["tokens"]) for a in sum(own, []))),
-        # Rollout time apart from scoring's (both near 0 when read back from saved chunks or
-        # taken from `samples_from`).
-        "sweep_seconds": self.sweep_seconds, "sampling_seconds": sampling_seconds,
-        "sampling_tokens_per_second": sum(len(a["tokens"]) for a in sum(own, [])) / max(
-            sampling_seconds, 1e-9), "scoring_seconds": scoring_seconds,
+        # Rollout apart from scoring; sampling counts only the chunks sampled in this run (none
+        # when they were read back after a restart or taken from `samples_from`).
+        "sweep_seconds": self.sweep_seconds,
+        "sampling_seconds": self.sampled.get("sampling_seconds", 0.0),
+        "sampling_tokens_per_second": self.sampled.get("sampled_tokens", 0) / max(
+            self.sampled.get("sampling_seconds", 0.0), 1e-9), "scoring_seconds": scoring_seconds,
         "scored_candidates": int(np.sum(eligible)),
         "reward_vs_n_n": self.curve["n"], "reward_vs_n_max": self.curve["max"],
         "reward_vs_n_median": self.curve["median"], "best_of_n_kl": self.curve["kl_bound"]}
