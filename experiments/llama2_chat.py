@@ -144,8 +144,7 @@ def rs_stage(preset: str, version: int) -> ml_collections.ConfigDict:
     tiny = preset == "tiny"
     cfg = rejection_sampling.Config(
         init_from=previous,
-        data=rejection_sampling.Data(source="world", seq_len=384, eval_batches=2,
-                                     max_prompts=0 if tiny else 96),
+        data=rejection_sampling.Data(source="world", seq_len=384, eval_batches=2),
         sampling=rejection_sampling.Sampling(
             samples_per_prompt=8 if tiny else 4,
             temperatures=(0.7, 1.0, 1.3) if tiny else (), temperature=1.0, sweep_prompts=48,
@@ -154,8 +153,9 @@ def rs_stage(preset: str, version: int) -> ml_collections.ConfigDict:
         eval=rejection_sampling.Eval(max_new_tokens=48, batch_size=64,
                                      max_prompts=0 if tiny else 64),
         pool=pool,
-        train=common.train(steps=40 if tiny else 20, batch_size=16, log_every=10,
-                           checkpoint_every=50),
+        # The test world's 266 prompts pack into ~25 rows of 384 tokens: batches of 8.
+        train=common.train(steps=40 if tiny else 20, batch_size=16 if tiny else 8,
+                           log_every=10, checkpoint_every=50),
         optimizer=common.optimizer(lr=5e-4, warmup_steps=5, final_lr_fraction=0.1))
   return common.section(cfg)
 
