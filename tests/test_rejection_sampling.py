@@ -4,7 +4,6 @@ sampling chunks, gold judgements, bad input."""
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
 
