@@ -79,11 +79,12 @@ class Ranker:
     return (answer["finished"] and len(prompt_tokens) + len(tokens) <= self.models.seq_len
             and bool(answer_text(self.tokenizer, answer)))
 
-  def rewards(self, prompts, prompt_tokens, candidates) -> tuple[np.ndarray, dict]:
-    """candidates[p] is a list of answers -> (rewards [P, C] padded with -inf, and the
-    helpful/safety scores of each distinct answer); ineligible answers get 0."""
+  def rewards(self, prompts, prompt_tokens, candidates) -> tuple[np.ndarray, np.ndarray]:
+    """candidates[p] is a list of answers -> (rewards [P, C], eligible [P, C] bool); rows are
+    padded to the longest list with reward -inf, and ineligible answers get reward 0."""
     width = max(len(c) for c in candidates)
     out = np.full((len(candidates), width), -np.inf)
+    eligible = np.zeros(out.shape, bool)
     index: dict[tuple, int] = {}
     sequences, safety_tags, places = [], [], []
     for p, answers in enumerate(candidates):
@@ -91,6 +92,7 @@ class Ranker:
         if not self.eligible(prompt_tokens[p], answer):
           out[p, c] = 0.0
           continue
+        eligible[p, c] = True
         key = (p, tuple(answer["tokens"]))
         if key not in index:
           index[key] = len(sequences)
@@ -101,7 +103,7 @@ class Ranker:
               else {"reward": np.zeros((0,))})
     for p, c, i in places:
       out[p, c] = scores["reward"][i]
-    return out, scores
+    return out, eligible
 
   def replies(self, prompts, texts: list[str]) -> dict[str, np.ndarray]:
     """RM scores of text replies (greedy evaluations): {"helpful", "safety", "reward"} [P]."""

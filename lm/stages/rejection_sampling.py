@@ -176,6 +176,7 @@ def validate(cfg: Config, ctx) -> Inputs:
 
 
 def prompt_key(prompt) -> str:
+  """What identifies a prompt across iterations' samples files: its messages as JSON."""
   return json.dumps(list(prompt.messages), sort_keys=True)
 
 
@@ -202,19 +203,18 @@ class RejectionSampling:
     self.sweep: dict = {}
     self.sweep_seconds = 0.0
     self.sampled: dict = {}  # tokens and seconds of the chunks sampled (not read back) this run
-    self.curve: dict = {}
 
   def _tokens(self, prompts) -> list[list[int]]:
     return [self.inputs.tokenizer.encode_dialog(list(p.messages)).tokens.tolist()
             for p in prompts]
 
-  def temperature(self, policy: roles.Role) -> float:
-    """The swept temperature (cached in DIR/temperature_sweep.json), or the configured one."""
+  def temperature(self, policy: roles.Role, tokens: list[list[int]]) -> float:
+    """The swept temperature (cached in DIR/temperature_sweep.json), or the configured one;
+    `tokens` are the encoded prompts, of which the first `sweep_prompts` are swept."""
     s = self.cfg.sampling
     if not s.temperatures:
       return s.temperature
-    prompts = self.inputs.prompts[:s.sweep_prompts]
-    tokens = self._tokens(prompts)
+    prompts, tokens = self.inputs.prompts[:s.sweep_prompts], tokens[:s.sweep_prompts]
 
     def sweep() -> dict:
       curves = {}
@@ -243,7 +243,7 @@ class RejectionSampling:
                          f"prompts, the first {missing[0]}")
       rows = [theirs[prompt_key(p)] for p in self.inputs.prompts]
       return [r["answers"] for r in rows], rows[0]["temperature"]
-    temperature = self.temperature(policy)
+    temperature = self.temperature(policy, tokens)
     self.log(f"stages.{self.ctx.name}: sampling {self.cfg.sampling.samples_per_prompt} answers "
              f"to each of {len(tokens)} prompts at T={temperature}")
     answers = chunked_samples(
@@ -272,13 +272,11 @@ class RejectionSampling:
     log(f"stages.{self.ctx.name}: scoring {sum(map(len, candidates))} candidates "
         f"({k} per prompt sampled, the rest from the pool {[s for s, _ in self.inputs.pool]})")
     start = time.perf_counter()
-    rewards, _ = self.ranker.rewards(prompts, tokens, candidates)
+    rewards, eligible = self.ranker.rewards(prompts, tokens, candidates)
     scoring_seconds = time.perf_counter() - start
-    eligible = np.array([[c < len(cands) and self.ranker.eligible(tokens[p], cands[c])
-                          for c in range(rewards.shape[1])]
-                         for p, cands in enumerate(candidates)])
     best = best_of_n.pick_best(rewards, eligible)
-    self.curve = best_of_n.reward_vs_n(rewards[:, :k])
+    curve = best_of_n.reward_vs_n(rewards[:, :k])
+    own_answers = [a for answers in own for a in answers]
     rows, picked, all_texts = [], [], []
     for p, prompt in enumerate(prompts):
       all_texts.append([answer_text(tokenizer, a) for a in own[p]])
@@ -296,11 +294,11 @@ class RejectionSampling:
     counts = {
         "prompts": len(prompts), "samples_per_prompt": k, "temperature": temperature,
         "kept": len(rows), "no_eligible_sample": int(np.sum(best < 0)),
-        "unfinished_samples": int(sum(not a["finished"] for a in sum(own, []))),
+        "unfinished_samples": int(sum(not a["finished"] for a in own_answers)),
         "best_from_pool": int(sum(r["source"] != "current" for r in rows)),
         "mean_reward_samples": float(np.mean(rewards[:, :k])),
         "mean_reward_picked": float(np.mean([r["reward"] for r in rows])) if rows else 0.0,
-        "generated_tokens": int(sum(len(a["tokens"]) for a in sum(own, []))),
+        "generated_tokens": int(sum(len(a["tokens"]) for a in own_answers)),
         # Rollout apart from scoring; sampling counts only the chunks sampled in this run (none
         # when they were read back after a restart or taken from `samples_from`).
         "sweep_seconds": self.sweep_seconds,
@@ -308,8 +306,8 @@ class RejectionSampling:
         "sampling_tokens_per_second": self.sampled.get("sampled_tokens", 0) / max(
             self.sampled.get("sampling_seconds", 0.0), 1e-9), "scoring_seconds": scoring_seconds,
         "scored_candidates": int(np.sum(eligible)),
-        "reward_vs_n_n": self.curve["n"], "reward_vs_n_max": self.curve["max"],
-        "reward_vs_n_median": self.curve["median"], "best_of_n_kl": self.curve["kl_bound"]}
+        "reward_vs_n_n": curve["n"], "reward_vs_n_max": curve["max"],
+        "reward_vs_n_median": curve["median"], "best_of_n_kl": curve["kl_bound"]}
     for prefix, gold in (("samples", gold_samples), ("picked", gold_picked)):
       counts.update({f"{prefix}_{key}": gold[key] for key in ("gold_helpful", "gold_safe_rate")
                      if key in gold})
