@@ -21,7 +21,7 @@ import dataclasses
 import ml_collections
 
 from experiments import common, pretrain
-from lm.stages import gatt, rejection_sampling, reward, sft
+from lm.stages import gatt, ppo, ppo_experience, rejection_sampling, reward, sft
 
 PRESETS = ("tiny", "test") + common.PAPER_SIZES
 SFT_EXAMPLES = 27_540  # the paper's vendor-annotated SFT set
@@ -160,6 +160,37 @@ def rs_stage(preset: str, version: int) -> ml_collections.ConfigDict:
   return common.section(cfg)
 
 
+def ppo_stage(preset: str, init_from: str) -> ml_collections.ConfigDict:
+  """RLHF by PPO on top of the last rejection-sampling version (LLAMA2.md §7.3): the value
+  model from the helpfulness RM, the safety-gated reward whitened per batch, β by size."""
+  if preset in common.PAPER_SIZES:
+    cfg = ppo.Config(
+        init_from=init_from,
+        data=ppo.Data(source="", eval_source="", seq_len=4096),
+        rollout=ppo.Rollout(max_new_tokens=512, batch_size=64, scoring_batch_size=16),
+        reward=rejection_sampling.Reward(seq_len=4096, batch_size=64, dtype="bfloat16"),
+        ppo=ppo_experience.PPOConfig(iterations=300, prompts_per_iteration=512,
+                                     minibatch_size=64,
+                                     beta=0.005 if preset in ("34b", "70b") else 0.01),
+        eval=ppo.Eval(every=25, patience=4, max_new_tokens=512, batch_size=64),
+        reference_dtype="bfloat16", rollout_plan="fsdp_tp")
+  else:
+    tiny = preset == "tiny"
+    cfg = ppo.Config(
+        init_from=init_from,
+        data=ppo.Data(source="world", seq_len=256),
+        rollout=ppo.Rollout(max_new_tokens=48, batch_size=64, scoring_batch_size=32),
+        reward=rejection_sampling.Reward(seq_len=256, batch_size=32),
+        ppo=ppo_experience.PPOConfig(iterations=30 if tiny else 12, prompts_per_iteration=64,
+                                     minibatch_size=16, beta=0.01),
+        eval=ppo.Eval(every=10 if tiny else 6, max_new_tokens=48, batch_size=64,
+                      max_prompts=0 if tiny else 64),
+        # A model of a million parameters needs far more than the paper's 1e-6 to move.
+        optimizer=common.optimizer(lr=3e-5, schedule="constant", warmup_steps=0),
+        checkpoint_every=5)
+  return common.section(cfg)
+
+
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
@@ -201,6 +232,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   versions = RS_VERSIONS.get(preset, 4)  # the paper: RLHF-V1 to V4 by rejection sampling
   for version in range(1, versions + 1):
     c.stages[f"rs_v{version}"] = rs_stage(preset, version)
+  c.stages.ppo = ppo_stage(preset, f"rs_v{versions}")
   c.pipeline = tuple(c.pipeline) + ("sft", "gatt", "rm_helpful", "rm_safety") + tuple(
-      f"rs_v{v}" for v in range(1, versions + 1))
+      f"rs_v{v}" for v in range(1, versions + 1)) + ("ppo",)
   return c

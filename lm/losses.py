@@ -10,6 +10,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def token_logprobs(logits: jax.Array, targets: jax.Array, log_z: jax.Array | None = None
+                   ) -> jax.Array:
+  """log p(target) at each position: logits [B, T, V], targets [B, T] -> [B, T] float32.
+
+  `log_z` (logsumexp of the logits over V) may be passed when the caller has it already.
+  """
+  logits = logits.astype(jnp.float32)
+  if log_z is None:
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return target_logits - log_z
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+  """Entropy (nats) of the next-token distribution at each position: [B, T, V] -> [B, T]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
 def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
                     z_loss: float = 0.0) -> tuple[jax.Array, dict]:
   """Masked mean cross-entropy of next-token prediction.
@@ -27,8 +46,7 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   logits = logits.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  nll = log_z - target_logits
+  nll = -token_logprobs(logits, targets, log_z)
   weight = jnp.sum(mask)
   denom = jnp.maximum(weight, 1.0)
   loss = jnp.sum(nll * mask) / denom

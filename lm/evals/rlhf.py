@@ -121,3 +121,62 @@ def plot_reward_vs_n(curves: dict[str, dict], path: str, title: str) -> None:
   ax.legend(fontsize=7, loc="lower right")
   from lm.report import save_png  # the report module reads stages; import it only to plot
   save_png(fig, path)
+
+
+def ppo_report(name: str, directory: str, iterations: list[dict], evals: list[dict],
+               summary: dict) -> str:
+  """A PPO stage's report.md section and its ppo.png: the rollouts' reward and KL per iteration,
+  held-out RM and gold scores at each evaluation, and where the time went."""
+  if iterations:
+    plot_ppo(iterations, evals, os.path.join(directory, "ppo.png"), name)
+  rows = [("RM reward, samples", "rm_reward_sampled"), ("KL to π_0, samples", "kl_sampled"),
+          ("RM reward, greedy", "rm_reward"), ("gold helpfulness", "gold_helpful"),
+          ("gold safe-response rate", "gold_safe_rate"),
+          ("refusals of helpful prompts", "refusal_rate_helpful")]
+  parts = ["### PPO: held-out prompts at each evaluation (samples at the rollout temperature; "
+           "greedy replies judged by the RMs and the gold scorers)\n",
+           "| iteration | " + " | ".join(label for label, _ in rows) + " |",
+           "|---" * (len(rows) + 1) + "|"]
+  for e in evals:
+    mark = " (best)" if e["iteration"] == summary["best_iteration"] else ""
+    parts.append(f"| {e['iteration']}{mark} | " + " | ".join(
+        f"{e.get(key, 0):.3f}" for _, key in rows) + " |")
+  if iterations:
+    parts.append(f"\n![PPO curves]({name}/ppo.png)\n")
+  phases = ("rollout", "scoring", "update", "move", "eval")
+  parts += ["### Where the time went\n", "| phase | seconds | share |", "|---|---|---|"]
+  parts += [f"| {p} | {summary[f'{p}_seconds']:.1f} | {summary[f'{p}_share']:.1%} |"
+            for p in phases]
+  parts.append(f"\nRollout {summary['rollout_tokens_per_second']:,.0f} generated tokens/s; "
+               f"update {summary['update_tokens_per_second']:,.0f} tokens/s (prompt and answer). "
+               f"The stage's model is the policy at iteration {summary['best_iteration']} of "
+               f"{summary['iterations']}.\n")
+  return "\n".join(parts)
+
+
+def plot_ppo(iterations: list[dict], evals: list[dict], path: str, name: str) -> None:
+  """Rollout reward and KL per iteration (left, right axes), held-out RM reward and gold scores
+  per evaluation (second panel); a PNG written atomically."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+  steps = list(range(1, len(iterations) + 1))
+  top.plot(steps, [r["reward"] for r in iterations], label="RM reward of rollouts")
+  top.set_ylabel("reward (sigmoid scale)")
+  kl = top.twinx()
+  kl.plot(steps, [r["kl_sequence"] for r in iterations], color="grey", ls=":")
+  kl.set_ylabel("KL to π_0, nats/answer (dotted)")
+  top.set_title(f"{name}: PPO")
+  top.legend(fontsize=7, loc="lower right")
+  at = [e["iteration"] for e in evals]
+  for key, label in (("rm_reward_sampled", "held-out RM reward, samples"),
+                     ("rm_reward", "held-out RM reward, greedy"),
+                     ("gold_helpful", "gold helpfulness"),
+                     ("gold_safe_rate", "gold safe rate")):
+    bottom.plot(at, [e.get(key, 0) for e in evals], "o-", label=label)
+  bottom.set_xlabel("iteration")
+  bottom.set_ylabel("held-out prompts")
+  bottom.legend(fontsize=7)
+  from lm.report import save_png
+  save_png(fig, path)

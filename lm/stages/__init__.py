@@ -18,7 +18,7 @@ import importlib
 
 from lm import config_utils
 
-KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt", "reward", "rejection_sampling")
+KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt", "reward", "rejection_sampling", "ppo")
 
 
 def stage_module(kind: str):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from lm import checkpoints, roles, rollout, sampling, scoring
+from lm.evals import rlhf as rlhf_evals
 from lm.tokenizer import Tokenizer
 
 
@@ -111,6 +112,32 @@ class Ranker:
         list(p.messages) + [{"role": "assistant", "content": t or "..."}]).tokens, np.int32)
         for p, t in zip(prompts, texts)]
     return self.models.score(sequences, [p.is_safety for p in prompts])
+
+
+def held_out_eval(policy: roles.Role, ranker: Ranker, prompts, max_new_tokens: int,
+                  batch_size: int, path: str) -> dict:
+  """Greedy replies of `policy` to held-out prompts, judged by the world's gold scorers and by
+  the RMs: {gold_helpful, gold_safe_rate, refusal_rate_helpful, ..., rm_reward,
+  rm_helpful_on_helpful, rm_safety_on_safety}. The replies go to `path` (JSONL)."""
+  tokenizer = ranker.tokenizer
+  cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens,
+                                eos_id=tokenizer.eos_id)
+  tokens = [tokenizer.encode_dialog(list(p.messages)).tokens.tolist() for p in prompts]
+  samples = rollout.generate(policy, tokens, cfg, jax.random.key(0), batch_size=batch_size)
+  texts = rollout.decode(samples, tokenizer)
+  scores = ranker.replies(prompts, texts)
+  checkpoints.write_atomically(path, "".join(json.dumps(
+      {"messages": list(p.messages), "reply": t, "is_safety": p.is_safety, "reward": float(r),
+       "gold": rlhf_evals.gold_judgement(p, t)}) + "\n"
+      for p, t, r in zip(prompts, texts, scores["reward"])))
+  safety = np.array([p.is_safety for p in prompts])
+  metrics = rlhf_evals.gold_metrics(prompts, texts)
+  metrics["rm_reward"] = float(np.mean(scores["reward"]))
+  metrics["rm_helpful_on_helpful"] = float(np.mean(scores["helpful"][~safety])) if (
+      ~safety).any() else 0.0
+  if "safety" in scores and safety.any():
+    metrics["rm_safety_on_safety"] = float(np.mean(scores["safety"][safety]))
+  return metrics
 
 
 def answer_text(tokenizer: Tokenizer, answer: dict) -> str:

@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import preferences, text
-from lm import (best_of_n, checkpoints, configs, hardware, model, optim, roles, rollout, sampling,
+from lm import (best_of_n, checkpoints, configs, hardware, model, optim, roles, sampling,
                 scoring, sharding, trainer)
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, self_distill
-from lm.stages.best_of_k import Ranker, answer_text, chunked_samples, sample
+from lm.stages.best_of_k import Ranker, answer_text, chunked_samples, held_out_eval, sample
 from lm.tokenizer import Tokenizer
 
 DATA_FILE = "rs_data.jsonl"
@@ -113,7 +113,7 @@ class Config:
   rollout_plan: str = "rollout"
 
 
-def _prompt_file(cfg: Config, ctx, split: str) -> str:
+def prompt_file(cfg: Config, ctx, split: str) -> str:
   explicit = cfg.data.source if split == "train" else cfg.data.eval_source
   if cfg.data.source in ctx.outputs and not (split == "eval" and explicit):
     return os.path.join(ctx.outputs[cfg.data.source], "prompts", f"{split}.jsonl")
@@ -157,9 +157,9 @@ def validate(cfg: Config, ctx) -> Inputs:
                      f"RM (or set reward.ranking='helpful')")
   model_cfg, init_dir, tokenizer_path = kit.chat_start(cfg, ctx, "a chat (SFT or RLHF) model")
   bad = text.BadRows(cfg.data.skip_bad_rows)
-  prompts = preferences.read_prompts(_prompt_file(cfg, ctx, "train"), bad)
+  prompts = preferences.read_prompts(prompt_file(cfg, ctx, "train"), bad)
   prompts = prompts[:cfg.data.max_prompts or None]
-  eval_prompts = preferences.read_prompts(_prompt_file(cfg, ctx, "eval"), bad)
+  eval_prompts = preferences.read_prompts(prompt_file(cfg, ctx, "eval"), bad)
   eval_prompts = eval_prompts[:cfg.eval.max_prompts or None]
   if not prompts or not eval_prompts:
     raise ValueError(f"{where}.data: no valid prompts to sample ({len(prompts)}) or to "
@@ -318,25 +318,9 @@ class RejectionSampling:
   def evaluate(self, policy: roles.Role, when: str) -> dict:
     """Greedy replies to the held-out prompts: gold scores and the RMs' view of them; the
     replies go to DIR/eval_<when>.jsonl."""
-    prompts, tokenizer = self.inputs.eval_prompts, self.inputs.tokenizer
-    cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens,
-                                  eos_id=tokenizer.eos_id)
-    samples = rollout.generate(policy, self._tokens(prompts), cfg, jax.random.key(0),
-                               batch_size=self.cfg.eval.batch_size)
-    texts = rollout.decode(samples, tokenizer)
-    scores = self.ranker.replies(prompts, texts)
-    self_distill.write_jsonl(os.path.join(self.ctx.directory, f"eval_{when}.jsonl"), [
-        {"messages": list(p.messages), "reply": t, "is_safety": p.is_safety,
-         "reward": float(r), "gold": rlhf_evals.gold_judgement(p, t)}
-        for p, t, r in zip(prompts, texts, scores["reward"])])
-    safety = np.array([p.is_safety for p in prompts])
-    metrics = rlhf_evals.gold_metrics(prompts, texts)
-    metrics["rm_reward"] = float(np.mean(scores["reward"]))
-    metrics["rm_helpful_on_helpful"] = float(np.mean(scores["helpful"][~safety])) if (
-        ~safety).any() else 0.0
-    if "safety" in scores and safety.any():
-      metrics["rm_safety_on_safety"] = float(np.mean(scores["safety"][safety]))
-    return metrics
+    return held_out_eval(policy, self.ranker, self.inputs.eval_prompts,
+                         self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size,
+                         os.path.join(self.ctx.directory, f"eval_{when}.jsonl"))
 
 
 def run(cfg: Config, ctx, log=print) -> dict:
