@@ -16,9 +16,10 @@ from lm import aot  # noqa: E402
 
 # Each compile takes one to four minutes here, so the cases are chosen to cover the most between
 # them: MHA (13b) and GQA (70b), gradient accumulation (70b pretraining, the largest
-# temporaries; the reward step), the chat presets' tensor-4 mesh, the scalar head, and GAtt's
-# sampling program (GAtt's train step is SFT's). The 7b figures in
-# the README come from the same code (`lm aot experiments/pretrain.py:7b --topology=v5p-128`).
+# temporaries; the reward step), the chat presets' tensor-4 mesh, the scalar head, and PPO's
+# programs, which include the sampling program of GAtt and rejection sampling and the latter's
+# scoring (their train steps are SFT's). The other figures in the README come from the same
+# code (`lm aot experiments/pretrain.py:7b --topology=v5p-128`, `--stage=gatt`, ...).
 CASES = [("70b", "v5p-512")]
 CHIPS = {"v5p-128": 64, "v5e-256": 256, "v5p-512": 256}
 N_PARAMS = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}
@@ -44,24 +45,36 @@ def test_paper_sizes_fit_their_slices(preset, topology):
   assert_holds(report, preset, 12)
 
 
-@pytest.mark.parametrize("preset, topology, stage", [("13b", "v5e-256", "rm_helpful"),
-                                                     ("70b", "v5p-512", "gatt"),
-                                                     ("70b", "v5p-512", "rs_v1")])
-def test_chat_stages_fit_their_slices(preset, topology, stage):
-  """A reward model compiles its train step (scalar head, 512 pairs in 8 micro-batches); GAtt its
-  train step (SFT's, on other data) and its sampling program (a batch of prompts at the longest
-  the budget allows, then the decode loop over the KV cache)."""
-  reports = aot.fit_reports(llama2_chat.get_config(preset), topology, stage)
-  programs = {"gatt": ["sampling"], "rs_v1": ["sampling", "scoring"]}.get(stage, [])
-  assert list(reports) == ["train step"] + programs
+def test_a_reward_model_fits_its_slice():
+  """A reward model compiles its train step (scalar head, 512 pairs in 8 micro-batches)."""
+  reports = aot.fit_reports(llama2_chat.get_config("13b"), "v5e-256", "rm_helpful")
+  assert list(reports) == ["train step"]
+  print(f"\n13b rm_helpful on v5e-256\n{reports['train step'].table()}")
+  assert reports["train step"].fits
+  assert_holds(reports["train step"], "13b", 12, "scalar")
+
+
+def test_ppo_fits_with_all_five_roles_resident():
+  """70B PPO on v5p-512: the rollout (GAtt's and rejection sampling's sampling program), the
+  update step of policy and value under one AdamW, the frozen reference's log-probs (bf16) and a
+  reward model's scoring (rejection sampling's, bf16). The five roles stay resident together:
+  the update's state, the reference and both RMs, plus the largest program's temporaries."""
+  reports = aot.fit_reports(llama2_chat.get_config("70b"), "v5p-512", "ppo")
+  assert list(reports) == ["rollout", "update step", "reference log-probs", "scoring"]
   for report in reports.values():
-    print(f"\n{preset} {stage} on {topology}\n{report.table()}")
+    print(f"\n70b ppo on v5p-512\n{report.table()}")
     assert report.fits
-  assert_holds(reports["train step"], preset, 12, "scalar" if stage.startswith("rm") else "lm")
-  if "sampling" in reports:
-    assert_holds(reports["sampling"], preset, 4)
-  if "scoring" in reports:  # a bf16 RM of the policy's size: 2 bytes a parameter
-    assert_holds(reports["scoring"], preset, 2, "scalar")
+  update = reports["update step"]
+  # fp32 policy and value with AdamW's two moments: 12 bytes a parameter of each.
+  n_params = 2 * N_PARAMS["70b"] - 32_000 * 8192 + 8192
+  held = 12 * n_params / update.chips
+  assert held <= update.argument_bytes < 1.2 * held + 2**30
+  assert_holds(reports["rollout"], "70b", 4)
+  assert_holds(reports["reference log-probs"], "70b", 2)
+  assert_holds(reports["scoring"], "70b", 2, "scalar")
+  resident = (update.argument_bytes + reports["reference log-probs"].argument_bytes
+              + 2 * reports["scoring"].argument_bytes)
+  assert resident + max(r.temp_bytes for r in reports.values()) < update.hbm_bytes
 
 
 def test_cli_prints_the_fit_table_and_errors_are_clear():

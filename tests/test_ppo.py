@@ -5,15 +5,14 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from data_pipelines.preferences import Prompt
 from experiments import llama2_chat
-from lm import checkpoints, configs, model, rl, roles, rollout, sampling, sharding
+from lm import checkpoints, configs, rl, roles, rollout, sampling, sharding
 from lm import tokenizer as tok
-from lm.stages import common, ppo, typed_config
+from lm.stages import common, ppo, ppo_models, typed_config
 from lm.stages import ppo_experience as experience
 
 MESH = sharding.MeshConfig()  # fsdp over the 8 test devices
@@ -80,7 +79,7 @@ def test_an_update_raises_the_logprob_of_advantaged_tokens_and_fits_the_value():
       stage_cfg, ppo=dataclasses.replace(stage_cfg.ppo, iterations=3, prompts_per_iteration=8,
                                          minibatch_size=8),
       optimizer=dataclasses.replace(stage_cfg.optimizer, lr=3e-3))
-  tr = ppo.build_trainer(stage_cfg, cfg, cfg, mesh)
+  tr = ppo_models.build_trainer(stage_cfg, cfg, cfg, mesh)
   policy = roles.create("policy", cfg, mesh, seed=1)
   value = roles.create("value", cfg, mesh, head="scalar", seed=2)
   tokens = np.random.default_rng(0).integers(4, 250, (8, 16)).astype(np.int32)

@@ -1,0 +1,206 @@
+"""PPO's five roles and what they do each iteration (lm/stages/ppo.py drives the loop): the
+policy copied to the rollout layout, the experience read off a batch of rollouts by the policy,
+reference, value and reward models, and the held-out evaluation; the trainer over
+{"policy", "value"}; the programs `lm aot` compiles for the stage.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import configs, hardware, model, optim, roles, rollout, sampling, sharding, trainer
+from lm.stages import kit, self_distill
+from lm.stages import ppo_experience as experience
+from lm.stages.best_of_k import Ranker, held_out_eval
+
+
+class PPOModels:
+  """The five roles, loaded, and what an iteration asks of them: a rollout copy of the policy,
+  the experience of a batch of rollouts, the held-out evaluation."""
+
+  def __init__(self, cfg, ctx, inputs, log=print):
+    self.cfg, self.ctx, self.inputs, self.log = cfg, ctx, inputs, log
+    mesh = ctx.mesh()
+    self.policy = roles.load("policy", inputs.init_dir, mesh, head="lm", plan=cfg.plan,
+                             trainable=True)
+    self.value = roles.load("value", inputs.value_dir, mesh, head="scalar", plan=cfg.plan,
+                            trainable=True, seed=ctx.seed)
+    self.reference = roles.load("reference", inputs.init_dir, mesh, head="lm", plan=cfg.plan,
+                                dtype=cfg.reference_dtype or None)
+    self.ranker = Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
+    self.trainer = build_trainer(cfg, self.policy.model_cfg, self.value.model_cfg, mesh)
+    self.sampling = sampling.SamplingConfig(
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens, eos_id=inputs.tokenizer.eos_id)
+    self._rollout_copy: roles.Role | None = None
+
+  def rollout_policy(self, params) -> roles.Role:
+    """The policy with `params` on the rollout layout, reusing the previous copy's buffers."""
+    moved = roles.move(self.policy.with_params(params), self.policy.mesh, self.cfg.rollout_plan,
+                       out=self._rollout_copy)
+    jax.block_until_ready(moved.params)
+    self._rollout_copy = moved if moved.plan != self.policy.plan else None
+    return moved
+
+  def experience(self, trainable, prompts, samples: rollout.Samples) -> tuple[dict, dict]:
+    """(update batch of experience.UPDATE_FIELDS [P, T], the iteration's figures)."""
+    cfg = self.cfg
+    # Rows as long as this batch's longest prompt + answer needs, in steps of the rollout's
+    # length bucket (a few compiled shapes), not data.seq_len: most of that would be padding.
+    longest = max(len(p) + n for p, n in zip(samples.prompts, samples.lengths))
+    rows = rollout.training_rows(samples, min(cfg.data.seq_len, rollout.padded_length(longest)))
+    size = cfg.rollout.scoring_batch_size
+    logp = experience.per_token(self.policy.with_params(trainable["policy"]), rows, size)
+    ref_logp = experience.per_token(self.reference, rows, size)
+    values = experience.per_token(self.value.with_params(trainable["value"]), rows, size)
+    is_safety = np.array([p.is_safety for p in prompts])
+    scores = self.ranker.models.score(
+        [np.asarray(p + samples.answer(i), np.int32) for i, p in enumerate(samples.prompts)],
+        is_safety)
+    gated = cfg.reward.ranking == "safety_gated"
+    score = experience.whitened_scores(
+        scores if gated else {"reward": scores["reward"]},
+        is_safety if gated else np.zeros_like(is_safety), cfg.ppo.whiten_rewards,
+        cfg.reward.threshold, self.inputs.rm_stats)
+    score = score - cfg.ppo.missing_eos_penalty * (~samples.finished)
+    mask = rows["answer_mask"]
+    out = jax.device_get(experience.advantages_program(
+        score, logp, ref_logp, values, mask, beta=cfg.ppo.beta, gamma=cfg.ppo.gamma,
+        lam=cfg.ppo.lam))
+    batch = {k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids",
+                                  "answer_mask")}
+    batch.update(old_logprobs=logp, old_values=values, advantages=np.asarray(out["advantages"]),
+                 returns=np.asarray(out["returns"]))
+    on = mask > 0
+    figures = {
+        "reward": float(np.mean(scores["reward"])),
+        "reward_helpful": float(np.mean(scores["helpful"])),
+        "score": float(np.mean(score)),
+        "kl_k1": float(out["kl_k1"]), "kl_k3": float(out["kl_k3"]),
+        "kl_sequence": float(out["kl_sequence"]), "kl_reward": float(out["kl_reward"]),
+        "answer_tokens": float(np.mean(samples.lengths)),
+        "finished": float(np.mean(samples.finished)),
+        "value_mean": float(np.mean(values[on])), "return_mean": float(np.mean(
+            np.asarray(out["returns"])[on])),
+        # The rollout's own log-probs against the training layout's: large gaps mean the two
+        # layouts (or dtypes) disagree and the PPO ratio starts off 1.
+        "rollout_logprob_gap": float(np.mean(np.abs(rows["logprobs"][on] - logp[on]))),
+    }
+    if "safety" in scores:
+      figures["reward_safety"] = float(np.mean(scores["safety"]))
+    if is_safety.any():
+      figures["reward_on_safety_prompts"] = float(np.mean(scores["reward"][is_safety]))
+    return batch, figures
+
+  def evaluate(self, params, when: str) -> dict:
+    """Held-out prompts: greedy replies judged by the RMs and the gold scorers (as rejection
+    sampling's), and `eval.samples_per_prompt` samples per prompt at the rollout temperature,
+    which is what PPO optimises: their RM reward and KL to π_0 (rm_reward_sampled, kl_sampled;
+    per prompt in DIR/eval_<when>_samples.jsonl)."""
+    policy = self.rollout_policy(params)
+    metrics = held_out_eval(policy, self.ranker, self.inputs.eval_prompts,
+                            self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size,
+                            os.path.join(self.ctx.directory, f"eval_{when}.jsonl"))
+    prompts, k = self.inputs.eval_prompts, self.cfg.eval.samples_per_prompt
+    tokens = [self.inputs.tokenizer.encode_dialog(list(p.messages)).tokens.tolist()
+              for p in prompts for _ in range(k)]
+    samples = rollout.generate(policy, tokens, self.sampling, jax.random.key(self.ctx.seed + 1),
+                               batch_size=self.cfg.eval.batch_size)
+    scores = self.ranker.models.score(
+        [np.asarray(p + samples.answer(i), np.int32) for i, p in enumerate(samples.prompts)],
+        [p.is_safety for p in prompts for _ in range(k)])
+    longest = max(len(p) + n for p, n in zip(samples.prompts, samples.lengths))
+    rows = rollout.training_rows(samples, rollout.padded_length(longest))
+    size = self.cfg.rollout.scoring_batch_size
+    gap = (experience.per_token(self.policy.with_params(params), rows, size)
+           - experience.per_token(self.reference, rows, size))
+    kl = np.sum(np.where(rows["answer_mask"] > 0, gap, 0.0), axis=1)
+    per_prompt = scores["reward"].reshape(len(prompts), k).mean(axis=1)
+    # Per prompt, so two evaluations compare prompt by prompt (a paired difference).
+    self_distill.write_jsonl(
+        os.path.join(self.ctx.directory, f"eval_{when}_samples.jsonl"),
+        [{"reward": float(r), "kl": float(d)} for r, d in zip(
+            per_prompt, kl.reshape(len(prompts), k).mean(axis=1))])
+    metrics["rm_reward_sampled"] = float(np.mean(per_prompt))
+    metrics["kl_sampled"] = float(np.mean(kl))
+    return metrics
+
+def build_trainer(cfg, policy_cfg, value_cfg, mesh) -> trainer.Trainer:
+  """One optimizer over {"policy", "value"}, stepping on mini-batches; steps are derived from
+  the iterations."""
+  ppo = cfg.ppo
+  rules = sharding.plan_rules(cfg.plan)
+  policy_graphdef, _ = model.abstract_model(policy_cfg, "lm", rules)
+  value_graphdef, _ = model.abstract_model(value_cfg, "scalar", rules)
+  steps = ppo.iterations * ppo.steps_per_iteration
+  train_cfg = trainer.TrainConfig(
+      steps=steps, batch_size=ppo.minibatch_size, grad_accum=ppo.grad_accum,
+      log_every=ppo.steps_per_iteration, checkpoint_every=steps + 1,
+      keep_checkpoints=cfg.keep_checkpoints)
+  return trainer.Trainer(
+      loss_fn=experience.loss_fn(policy_graphdef, value_graphdef, ppo),
+      optimizer=optim.make_optimizer(cfg.optimizer, steps),
+      schedule=optim.learning_rate(cfg.optimizer, steps), cfg=train_cfg, mesh=mesh,
+      param_shardings={"policy": model.param_shardings(policy_cfg, mesh, rules, "lm"),
+                       "value": model.param_shardings(value_cfg, mesh, rules, "scalar")},
+      rules=rules)
+
+
+def update_program(cfg, model_cfg, mesh):
+  """PPO's update step for `lm aot`: policy and value (the policy's size, as the paper's value
+  model from a same-size RM) under one AdamW, a mini-batch of `minibatch_size` rows of
+  `data.seq_len`, on `plan`; nothing is allocated."""
+  tr = build_trainer(cfg, model_cfg, model_cfg, mesh)
+  state = tr.abstract_state({
+      "policy": model.abstract_params(model_cfg, mesh, tr.rules),
+      "value": model.abstract_params(model_cfg, mesh, tr.rules, head="scalar")})
+  shape = (cfg.ppo.minibatch_size, cfg.data.seq_len)
+  integer = ("tokens", "targets", "positions", "segment_ids")
+  batch = {name: jax.ShapeDtypeStruct(shape, np.int32 if name in integer else np.float32,
+                                      sharding=tr.batch_sharding(2))
+           for name in experience.UPDATE_FIELDS}
+  step = tr.jit_step(jax.tree.map(lambda a: a.sharding, state), batch)
+  flops = 2 * hardware.flops_per_token(configs.param_count(model_cfg), model_cfg.n_layers,
+                                       cfg.data.seq_len, model_cfg.dim) * shape[0] * shape[1]
+  return step, (state, batch, None), flops
+
+
+def rollout_program(cfg, model_cfg, mesh):
+  """One rollout call: `rollout.batch_size` prompts at the longest `data.seq_len` allows, then
+  `max_new_tokens` decode steps, on `rollout_plan`."""
+  return kit.sampling_program(
+      model_cfg, mesh, cfg.rollout_plan,
+      sampling.SamplingConfig(temperature=cfg.rollout.temperature,
+                              max_new_tokens=cfg.rollout.max_new_tokens),
+      cfg.rollout.batch_size, cfg.data.seq_len - cfg.rollout.max_new_tokens)
+
+
+def reference_program(cfg, model_cfg, mesh):
+  """The reference's log-probs of a scoring batch (`rollout.scoring_batch_size` rows of
+  `data.seq_len`) in `reference_dtype`, on `plan`: the largest of the experience's forwards."""
+  rules = sharding.plan_rules(cfg.plan)
+  graphdef, _ = model.abstract_model(model_cfg, "lm", rules)
+  params = model.abstract_params(model_cfg, mesh, rules)
+  if cfg.reference_dtype:
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, jnp.dtype(cfg.reference_dtype), sharding=a.sharding), params)
+  shape = (cfg.rollout.scoring_batch_size, cfg.data.seq_len)
+  rows = jax.ShapeDtypeStruct(shape, np.int32,
+                              sharding=sharding.data_sharding(mesh, 2, rules, shape))
+  flops = hardware.flops_per_token(configs.param_count(model_cfg), model_cfg.n_layers,
+                                   cfg.data.seq_len, model_cfg.dim) / 3 * shape[0] * shape[1]
+  return experience.logprobs_program, (graphdef, params, rows, rows, rows, rows), flops
+
+
+def scoring_program(cfg, model_cfg, mesh):
+  """A reward model's scoring call, as rejection sampling's (the same `reward` section)."""
+  from lm.stages import rejection_sampling
+  return rejection_sampling.scoring_program(cfg, model_cfg, mesh)
+
+
+PROGRAMS = {"rollout": rollout_program, "update step": update_program,
+            "reference log-probs": reference_program, "scoring": scoring_program}
