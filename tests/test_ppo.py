@@ -204,12 +204,14 @@ def test_a_run_writes_a_policy_a_value_model_the_curves_and_the_report(whole_run
   assert (directory / "ppo.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("phase", ["rollout", "update"])
+@pytest.mark.parametrize("phase", ["rollout", "scoring", "update"])
 def test_killed_in_any_phase_a_run_resumes_to_the_same_iterations(world, whole_run, tmp_path,
                                                                  monkeypatch, phase):
   directory, result = whole_run
   if phase == "rollout":
     target, name = rollout, "generate"
+  elif phase == "scoring":  # the evaluation before PPO reads twice; the third is iteration 1
+    target, name = experience, "per_token"
   else:
     from lm import trainer
     target, name = trainer.Trainer, "step"
