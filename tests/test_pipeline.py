@@ -245,3 +245,23 @@ def test_lm_score_agrees_with_the_reward_stage_and_keeps_the_order(chat_run, tmp
   scored = [json.loads(l) for l in (tmp_path / "mixed_scores.jsonl").read_text().splitlines()]
   assert [r["line"] for r in scored] == [1, 2]
   assert scored[0]["score"] == pytest.approx(rows[0]["chosen_score"], abs=1e-6)
+
+
+def test_ppo_raises_the_reward_of_its_samples_on_held_out_prompts(chat_run):
+  ppo = metrics_of(chat_run, "ppo")
+  curve = ppo["eval_curve"]
+  before, after = curve[0], curve[-1]
+  assert before["iteration"] == 0 and before["kl_sampled"] == 0.0
+  # The RMs' reward of one sample per held-out prompt (64 prompts, the same keys before and
+  # after): THRESHOLD_NOTE
+  paired = [json.loads(l) for l in (chat_run / "ppo" / "eval_before_samples.jsonl").read_text().splitlines()]
+  last = [json.loads(l) for l in (chat_run / "ppo" / f"eval_iteration_{after['iteration']}_samples.jsonl").read_text().splitlines()]
+  assert len(paired) == len(last) == 64
+  assert after["rm_reward_sampled"] >= before["rm_reward_sampled"] + 0.03
+  assert after["kl_sampled"] > 0
+  assert ppo["best_iteration"] == after["iteration"]
+  rows = [json.loads(l) for l in (chat_run / "ppo" / "state" / "metrics.jsonl").read_text().splitlines()]
+  iterations = [r for r in rows if r["kind"] == "iteration"]
+  assert len(iterations) == ppo["iterations"] and iterations[0]["kl_k1"] == 0.0
+  assert all(r["rollout_seconds"] > 0 and r["update_seconds"] > 0 for r in iterations)
+  assert "Where the time went" in (chat_run / "report.md").read_text()

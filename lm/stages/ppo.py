@@ -375,13 +375,22 @@ def _summary(cfg: Config, progress: Progress, inputs: Inputs) -> dict:
 
 
 def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
-  """Gold and RM scores of any model directory's greedy replies to the held-out prompts."""
+  """The held-out evaluation of any model directory, as the stage runs it (greedy replies and
+  samples, against the stage's reference and RMs)."""
   inputs = validate(cfg, ctx)
-  policy = kit.rollout_role(roles.load("policy", model_dir, ctx.mesh(), head="lm",
-                                       plan=cfg.plan), cfg.rollout_plan)
+  mesh = ctx.mesh()
+  policy = roles.load("policy", model_dir, mesh, head="lm", plan=cfg.plan)
+  reference = roles.load("reference", inputs.init_dir, mesh, head="lm", plan=cfg.plan,
+                         dtype=cfg.reference_dtype or None)
   ranker = Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
-  return held_out_eval(policy, ranker, inputs.eval_prompts, cfg.eval.max_new_tokens,
-                       cfg.eval.batch_size, os.path.join(ctx.directory, "eval_eval.jsonl"))
+  rollout_policy = kit.rollout_role(policy, cfg.rollout_plan)
+  metrics = held_out_eval(rollout_policy, ranker, inputs.eval_prompts, cfg.eval.max_new_tokens,
+                          cfg.eval.batch_size, os.path.join(ctx.directory, "eval_eval.jsonl"))
+  metrics.update(ppo_models.held_out_samples(
+      rollout_policy, policy, reference, ranker, inputs.eval_prompts,
+      ppo_models.rollout_sampling(cfg, inputs.tokenizer.eos_id), cfg, ctx.seed,
+      os.path.join(ctx.directory, "eval_eval_samples.jsonl")))
+  return metrics
 
 
 PROGRAMS = ppo_models.PROGRAMS

@@ -33,9 +33,7 @@ class PPOModels:
                                 dtype=cfg.reference_dtype or None)
     self.ranker = Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
     self.trainer = build_trainer(cfg, self.policy.model_cfg, self.value.model_cfg, mesh)
-    self.sampling = sampling.SamplingConfig(
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens, eos_id=inputs.tokenizer.eos_id)
+    self.sampling = rollout_sampling(cfg, inputs.tokenizer.eos_id)
     self._rollout_copy: roles.Role | None = None
 
   def rollout_policy(self, params) -> roles.Role:
@@ -98,36 +96,49 @@ class PPOModels:
 
   def evaluate(self, params, when: str) -> dict:
     """Held-out prompts: greedy replies judged by the RMs and the gold scorers (as rejection
-    sampling's), and `eval.samples_per_prompt` samples per prompt at the rollout temperature,
-    which is what PPO optimises: their RM reward and KL to π_0 (rm_reward_sampled, kl_sampled;
-    per prompt in DIR/eval_<when>_samples.jsonl)."""
+    sampling's), and the RM reward and KL to π_0 of samples at the rollout temperature."""
     policy = self.rollout_policy(params)
+    cfg = self.cfg
     metrics = held_out_eval(policy, self.ranker, self.inputs.eval_prompts,
-                            self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size,
+                            cfg.eval.max_new_tokens, cfg.eval.batch_size,
                             os.path.join(self.ctx.directory, f"eval_{when}.jsonl"))
-    prompts, k = self.inputs.eval_prompts, self.cfg.eval.samples_per_prompt
-    tokens = [self.inputs.tokenizer.encode_dialog(list(p.messages)).tokens.tolist()
-              for p in prompts for _ in range(k)]
-    samples = rollout.generate(policy, tokens, self.sampling, jax.random.key(self.ctx.seed + 1),
-                               batch_size=self.cfg.eval.batch_size)
-    scores = self.ranker.models.score(
-        [np.asarray(p + samples.answer(i), np.int32) for i, p in enumerate(samples.prompts)],
-        [p.is_safety for p in prompts for _ in range(k)])
-    longest = max(len(p) + n for p, n in zip(samples.prompts, samples.lengths))
-    rows = rollout.training_rows(samples, rollout.padded_length(longest))
-    size = self.cfg.rollout.scoring_batch_size
-    gap = (experience.per_token(self.policy.with_params(params), rows, size)
-           - experience.per_token(self.reference, rows, size))
-    kl = np.sum(np.where(rows["answer_mask"] > 0, gap, 0.0), axis=1)
-    per_prompt = scores["reward"].reshape(len(prompts), k).mean(axis=1)
-    # Per prompt, so two evaluations compare prompt by prompt (a paired difference).
-    self_distill.write_jsonl(
-        os.path.join(self.ctx.directory, f"eval_{when}_samples.jsonl"),
-        [{"reward": float(r), "kl": float(d)} for r, d in zip(
-            per_prompt, kl.reshape(len(prompts), k).mean(axis=1))])
-    metrics["rm_reward_sampled"] = float(np.mean(per_prompt))
-    metrics["kl_sampled"] = float(np.mean(kl))
+    metrics.update(held_out_samples(
+        policy, self.policy.with_params(params), self.reference, self.ranker,
+        self.inputs.eval_prompts, self.sampling, cfg, self.ctx.seed,
+        os.path.join(self.ctx.directory, f"eval_{when}_samples.jsonl")))
     return metrics
+
+
+def held_out_samples(rollout_policy: roles.Role, policy: roles.Role, reference: roles.Role,
+                     ranker: Ranker, prompts, sampling_cfg: sampling.SamplingConfig, cfg,
+                     seed: int, path: str) -> dict:
+  """`eval.samples_per_prompt` samples per held-out prompt at the rollout temperature (what PPO
+  maximises), drawn by `rollout_policy` with a fixed key: {"rm_reward_sampled": their mean RM
+  reward, "kl_sampled": their mean KL to π_0 in nats per answer, log π (the training-layout
+  `policy`) - log π_0 summed over the answer}. Per prompt in `path`, so two evaluations compare
+  prompt by prompt."""
+  k = cfg.eval.samples_per_prompt
+  tokens = [ranker.tokenizer.encode_dialog(list(p.messages)).tokens.tolist()
+            for p in prompts for _ in range(k)]
+  samples = rollout.generate(rollout_policy, tokens, sampling_cfg, jax.random.key(seed + 1),
+                             batch_size=cfg.eval.batch_size)
+  scores = ranker.models.score(
+      [np.asarray(p + samples.answer(i), np.int32) for i, p in enumerate(samples.prompts)],
+      [p.is_safety for p in prompts for _ in range(k)])
+  longest = max(len(p) + n for p, n in zip(samples.prompts, samples.lengths))
+  rows = rollout.training_rows(samples, rollout.padded_length(longest))
+  size = cfg.rollout.scoring_batch_size
+  gap = experience.per_token(policy, rows, size) - experience.per_token(reference, rows, size)
+  kl = np.sum(np.where(rows["answer_mask"] > 0, gap, 0.0), axis=1).reshape(len(prompts), k)
+  reward = scores["reward"].reshape(len(prompts), k).mean(axis=1)
+  self_distill.write_jsonl(path, [{"reward": float(r), "kl": float(d)}
+                                  for r, d in zip(reward, kl.mean(axis=1))])
+  return {"rm_reward_sampled": float(np.mean(reward)), "kl_sampled": float(np.mean(kl))}
+
+def rollout_sampling(cfg, eos_id: int) -> sampling.SamplingConfig:
+  return sampling.SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                 max_new_tokens=cfg.rollout.max_new_tokens, eos_id=eos_id)
+
 
 def build_trainer(cfg, policy_cfg, value_cfg, mesh) -> trainer.Trainer:
   """One optimizer over {"policy", "value"}, stepping on mini-batches; steps are derived from
