@@ -108,8 +108,8 @@ def test_lm_run_killed_mid_stage_resumes_to_the_same_curve(smoke_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
-  """world -> tokenizer -> pretrain -> SFT -> GAtt -> both RMs -> rejection sampling at test
-  size, run once for every test below."""
+  """world -> tokenizer -> pretrain -> SFT -> GAtt -> both RMs -> rejection sampling -> PPO at
+  test size, run once for every test below."""
   workdir = tmp_path_factory.mktemp("chat")
   # About 12 minutes on 2 idle cores (21 measured while sharing them); the timeout only guards
   # against a hang.
@@ -251,17 +251,26 @@ def test_ppo_raises_the_reward_of_its_samples_on_held_out_prompts(chat_run):
   ppo = metrics_of(chat_run, "ppo")
   curve = ppo["eval_curve"]
   before, after = curve[0], curve[-1]
-  assert before["iteration"] == 0 and before["kl_sampled"] == 0.0
-  # The RMs' reward of one sample per held-out prompt (64 prompts, the same keys before and
-  # after): THRESHOLD_NOTE
-  paired = [json.loads(l) for l in (chat_run / "ppo" / "eval_before_samples.jsonl").read_text().splitlines()]
-  last = [json.loads(l) for l in (chat_run / "ppo" / f"eval_iteration_{after['iteration']}_samples.jsonl").read_text().splitlines()]
-  assert len(paired) == len(last) == 64
-  assert after["rm_reward_sampled"] >= before["rm_reward_sampled"] + 0.03
+  assert before["iteration"] == 0 and before["kl_sampled"] == pytest.approx(0.0, abs=1e-6)
+  # The RMs' mean reward of 4 samples per held-out prompt, the same keys before and after:
+  # measured 0.403 -> 0.469 over 16 iterations (0.437 at 8), at 3.7 nats from π_0. A policy
+  # that drifted as far in no useful direction would move each prompt's mean up or down at
+  # random: the paired standard error of the difference over the 64 prompts measures 0.014, so
+  # the threshold, 0.035, is 2.5 of them (chance passes it 0.6 % of the time).
+  before_rows, after_rows = (
+      [json.loads(l)["reward"] for l in (chat_run / "ppo" / f"eval_{name}_samples.jsonl")
+       .read_text().splitlines()] for name in ("before", f"iteration_{after['iteration']}"))
+  assert len(before_rows) == len(after_rows) == 64
+  gains = [b - a for a, b in zip(before_rows, after_rows)]
+  mean = sum(gains) / len(gains)
+  paired_se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+  assert after["rm_reward_sampled"] == pytest.approx(sum(after_rows) / 64, abs=1e-9)
+  assert mean >= max(0.035, 2.5 * paired_se)
   assert after["kl_sampled"] > 0
   assert ppo["best_iteration"] == after["iteration"]
   rows = [json.loads(l) for l in (chat_run / "ppo" / "state" / "metrics.jsonl").read_text().splitlines()]
   iterations = [r for r in rows if r["kind"] == "iteration"]
-  assert len(iterations) == ppo["iterations"] and iterations[0]["kl_k1"] == 0.0
+  assert len(iterations) == ppo["iterations"]
+  assert iterations[0]["kl_k1"] == pytest.approx(0.0, abs=1e-6)  # the policy is π_0 at first
   assert all(r["rollout_seconds"] > 0 and r["update_seconds"] > 0 for r in iterations)
   assert "Where the time went" in (chat_run / "report.md").read_text()
