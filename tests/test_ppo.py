@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -248,3 +249,25 @@ def test_bad_input_fails_before_any_model_is_loaded(world, tmp_path):
                  ctx)
   with pytest.raises(ValueError, match="neither an earlier stage"):
     ppo.validate(dataclasses.replace(cfg, value_from="rm_nope"), ctx)
+
+
+def test_the_best_evaluation_is_the_stages_model_and_patience_stops_the_run(tmp_path):
+  cfg = small_config()
+  cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, patience=2))
+  progress = ppo.Progress()
+  params = lambda value: {"w": jnp.full((8,), value)}  # noqa: E731
+  rewards = {0: 0.50, 2: 0.60, 4: 0.55, 6: 0.60, 8: 0.40}
+  stopped_at = None
+  for iteration, reward in rewards.items():
+    ppo._record_eval(cfg, progress, iteration, {
+        "rm_reward_sampled": reward, "kl_sampled": 0.0, "rm_reward": 0.0, "gold_helpful": 0.0,
+        "gold_safe_rate": 0.0}, params(iteration), str(tmp_path), lambda m: None)
+    if ppo._stopped(cfg, progress):
+      stopped_at = iteration
+      break
+  # 0.60 at iteration 6 ties the best, which is not a gain: two evaluations without one stop it.
+  assert stopped_at == 6 and progress.best == {"iteration": 2, "value": 0.60}
+  manager = checkpoints.Manager(tmp_path)
+  assert manager.all_steps() == [2]  # only the best is kept
+  restored = manager.restore(2, {"w": jax.ShapeDtypeStruct((8,), jnp.float32)})["params"]
+  np.testing.assert_array_equal(restored["w"], np.full((8,), 2.0))

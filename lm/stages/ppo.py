@@ -101,6 +101,7 @@ class Config:
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig(lr=1e-6, schedule="constant",
                                                            warmup_steps=0)
   reference_dtype: str = ""  # e.g. "bfloat16" for the frozen reference
+  frozen_plan: str = ""  # the reference's and the RMs' plan; "" for the training `plan`
   checkpoint_every: int = 10  # iterations
   keep_checkpoints: int = 2
   plan: str = sharding.DEFAULT_PLAN
@@ -380,9 +381,9 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   inputs = validate(cfg, ctx)
   mesh = ctx.mesh()
   policy = roles.load("policy", model_dir, mesh, head="lm", plan=cfg.plan)
-  reference = roles.load("reference", inputs.init_dir, mesh, head="lm", plan=cfg.plan,
-                         dtype=cfg.reference_dtype or None)
-  ranker = Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
+  reference = roles.load("reference", inputs.init_dir, mesh, head="lm",
+                         plan=cfg.frozen_plan or cfg.plan, dtype=cfg.reference_dtype or None)
+  ranker = Ranker.load(cfg.reward, ctx, cfg.frozen_plan or cfg.plan, inputs.tokenizer)
   rollout_policy = kit.rollout_role(policy, cfg.rollout_plan)
   metrics = held_out_eval(rollout_policy, ranker, inputs.eval_prompts, cfg.eval.max_new_tokens,
                           cfg.eval.batch_size, os.path.join(ctx.directory, "eval_eval.jsonl"))

@@ -6,6 +6,7 @@ reference, value and reward models, and the held-out evaluation; the trainer ove
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -29,9 +30,10 @@ class PPOModels:
                              trainable=True)
     self.value = roles.load("value", inputs.value_dir, mesh, head="scalar", plan=cfg.plan,
                             trainable=True, seed=ctx.seed)
-    self.reference = roles.load("reference", inputs.init_dir, mesh, head="lm", plan=cfg.plan,
+    self.reference = roles.load("reference", inputs.init_dir, mesh, head="lm",
+                                plan=cfg.frozen_plan or cfg.plan,
                                 dtype=cfg.reference_dtype or None)
-    self.ranker = Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
+    self.ranker = Ranker.load(cfg.reward, ctx, cfg.frozen_plan or cfg.plan, inputs.tokenizer)
     self.trainer = build_trainer(cfg, self.policy.model_cfg, self.value.model_cfg, mesh)
     self.sampling = rollout_sampling(cfg, inputs.tokenizer.eos_id)
     self._rollout_copy: roles.Role | None = None
@@ -192,8 +194,9 @@ def rollout_program(cfg, model_cfg, mesh):
 
 def reference_program(cfg, model_cfg, mesh):
   """The reference's log-probs of a scoring batch (`rollout.scoring_batch_size` rows of
-  `data.seq_len`) in `reference_dtype`, on `plan`: the largest of the experience's forwards."""
-  rules = sharding.plan_rules(cfg.plan)
+  `data.seq_len`) in `reference_dtype`, on the frozen roles' plan: the largest of the
+  experience's forwards."""
+  rules = sharding.plan_rules(cfg.frozen_plan or cfg.plan)
   graphdef, _ = model.abstract_model(model_cfg, "lm", rules)
   params = model.abstract_params(model_cfg, mesh, rules)
   if cfg.reference_dtype:
@@ -208,9 +211,11 @@ def reference_program(cfg, model_cfg, mesh):
 
 
 def scoring_program(cfg, model_cfg, mesh):
-  """A reward model's scoring call, as rejection sampling's (the same `reward` section)."""
+  """A reward model's scoring call, as rejection sampling's (the same `reward` section), on the
+  frozen roles' plan."""
   from lm.stages import rejection_sampling
-  return rejection_sampling.scoring_program(cfg, model_cfg, mesh)
+  return rejection_sampling.scoring_program(
+      dataclasses.replace(cfg, plan=cfg.frozen_plan or cfg.plan), model_cfg, mesh)
 
 
 PROGRAMS = {"rollout": rollout_program, "update step": update_program,
