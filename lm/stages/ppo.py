@@ -125,6 +125,11 @@ class Inputs:
 def validate(cfg: Config, ctx) -> Inputs:
   """Everything that can be wrong with the inputs, checked before any model is loaded."""
   where = f"stages.{ctx.name}"
+  if jax.process_count() > 1:
+    # Each iteration's rollouts are made whole on one process and fed as its rows; feeding
+    # each host its share of the prompts is not built yet.
+    raise NotImplementedError(f"{where}: PPO runs on one host (process) for now; this run has "
+                              f"{jax.process_count()}")
   if cfg.reward.ranking == "safety_gated" and not cfg.reward.safety:
     raise ValueError(f"{where}.reward.safety is empty: the safety-gated reward needs a safety RM "
                      f"(or set reward.ranking='helpful')")
