@@ -207,6 +207,30 @@ def read_prompts(source: str, bad: BadRows | None = None) -> list[Prompt]:
   return [p for p in prompts if p is not None]
 
 
+def mix_by_safety(prompts: Sequence[Prompt], safety_share: float, count: int = 0) -> list[Prompt]:
+  """The first prompts of each kind, `safety_share` of them `is_safety` (LLAMA2.md §8.3: the
+  adversarial share of the RLHF prompts), `count` in all (0: as many as the pools allow); the
+  source's order is kept. A pool too small for its share gives all it has.
+
+  Raises:
+    ValueError: a share in (0, 1] asks for safety prompts and there are none, or a share in
+      [0, 1) asks for helpful prompts and there are none.
+  """
+  safety = [i for i, p in enumerate(prompts) if p.is_safety]
+  helpful = [i for i, p in enumerate(prompts) if not p.is_safety]
+  if (safety_share > 0 and not safety) or (safety_share < 1 and not helpful):
+    raise ValueError(f"safety_share={safety_share} needs both kinds of prompts; there are "
+                     f"{len(safety)} safety and {len(helpful)} helpful ones")
+  if count <= 0:  # the largest set with this share the pools allow
+    limits = ([len(safety) / safety_share] if safety_share > 0 else []) + (
+        [len(helpful) / (1 - safety_share)] if safety_share < 1 else [])
+    count = int(min(limits))
+  n_safety = min(round(safety_share * count), len(safety))
+  n_helpful = min(count - round(safety_share * count), len(helpful))
+  keep = sorted(safety[:n_safety] + helpful[:n_helpful])
+  return [prompts[i] for i in keep]
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedPair:
   chosen: np.ndarray  # [Lc] int32: the whole dialogue ending with the chosen answer and EOS

@@ -261,3 +261,18 @@ def test_the_gate_needs_a_safety_rm(stage_dirs):
   cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, safety=""))
   with pytest.raises(ValueError, match="reward.safety is empty"):
     rs.validate(cfg, ctx)
+
+
+def test_the_safety_share_picks_the_first_prompts_of_each_kind_in_source_order():
+  from data_pipelines.preferences import mix_by_safety
+  prompts = [Prompt(f"p:{i}", (), is_safety=i in (1, 4, 5, 9)) for i in range(12)]
+  mixed = mix_by_safety(prompts, 0.5, 6)
+  assert [p.where for p in mixed] == ["p:0", "p:1", "p:2", "p:3", "p:4", "p:5"]
+  # Unbounded: 4 safety prompts at a share of 0.25 allow 16 in all, the 8 helpful ones 10
+  # (8 / 0.75), so 10, of which round(2.5) = 2 safety.
+  mixed = mix_by_safety(prompts, 0.25, 0)
+  assert sum(p.is_safety for p in mixed) == 2 and len(mixed) == 10
+  assert [p.where for p in mix_by_safety(prompts, 1.0, 0)] == ["p:1", "p:4", "p:5", "p:9"]
+  assert not any(p.is_safety for p in mix_by_safety(prompts, 0.0, 5))
+  with pytest.raises(ValueError, match="needs both kinds"):
+    mix_by_safety([p for p in prompts if not p.is_safety], 0.3)

@@ -92,6 +92,7 @@ class PPOModels:
     }
     if "safety" in scores:
       figures["reward_safety"] = float(np.mean(scores["safety"]))
+    figures["safety_prompts"] = float(is_safety.sum())
     if is_safety.any():
       figures["reward_on_safety_prompts"] = float(np.mean(scores["reward"][is_safety]))
     return batch, figures

@@ -59,6 +59,9 @@ class Data(kit.DataConfig):
 
   max_prompts: int = 0
   eval_fraction: float = 0.05
+  # In [0, 1]: the share of `is_safety` prompts (of max_prompts, or as many as the pools allow;
+  # LLAMA2.md §8.3); -1 keeps the source's mix.
+  safety_share: float = -1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +161,16 @@ def validate(cfg: Config, ctx) -> Inputs:
   model_cfg, init_dir, tokenizer_path = kit.chat_start(cfg, ctx, "a chat (SFT or RLHF) model")
   bad = text.BadRows(cfg.data.skip_bad_rows)
   prompts = preferences.read_prompts(prompt_file(cfg, ctx, "train"), bad)
-  prompts = prompts[:cfg.data.max_prompts or None]
+  if cfg.data.safety_share == -1.0:
+    prompts = prompts[:cfg.data.max_prompts or None]
+  elif 0.0 <= cfg.data.safety_share <= 1.0:
+    try:
+      prompts = preferences.mix_by_safety(prompts, cfg.data.safety_share, cfg.data.max_prompts)
+    except ValueError as e:
+      raise ValueError(f"{where}.data: {e}") from e
+  else:
+    raise ValueError(f"{where}.data.safety_share must be in [0, 1] or -1, got "
+                     f"{cfg.data.safety_share}")
   eval_prompts = preferences.read_prompts(prompt_file(cfg, ctx, "eval"), bad)
   eval_prompts = eval_prompts[:cfg.eval.max_prompts or None]
   if not prompts or not eval_prompts:
@@ -292,7 +304,8 @@ class RejectionSampling:
         [t for texts in all_texts for t in texts])
     gold_picked = rlhf_evals.gold_metrics(*zip(*picked)) if picked else {}
     counts = {
-        "prompts": len(prompts), "samples_per_prompt": k, "temperature": temperature,
+        "prompts": len(prompts), "safety_prompts": int(sum(p.is_safety for p in prompts)),
+        "samples_per_prompt": k, "temperature": temperature,
         "kept": len(rows), "no_eligible_sample": int(np.sum(best < 0)),
         "unfinished_samples": int(sum(not a["finished"] for a in own_answers)),
         "best_from_pool": int(sum(r["source"] != "current" for r in rows)),
