@@ -21,7 +21,8 @@ import dataclasses
 import ml_collections
 
 from experiments import common, pretrain
-from lm.stages import gatt, ppo, ppo_experience, rejection_sampling, reward, sft
+from lm.stages import (context_distillation, gatt, ppo, ppo_experience, rejection_sampling,
+                       reward, sft)
 
 PRESETS = ("tiny", "test") + common.PAPER_SIZES
 SFT_EXAMPLES = 27_540  # the paper's vendor-annotated SFT set
@@ -197,6 +198,31 @@ def ppo_stage(preset: str, init_from: str) -> ml_collections.ConfigDict:
   return common.section(cfg)
 
 
+def cd_stage(preset: str) -> ml_collections.ConfigDict:
+  """Targeted safety context distillation (LLAMA2.md §8.4) of the PPO model: adversarial prompts
+  answered with the risk category's preprompt and answer template, kept where the safety RM
+  prefers them, distilled without the preprompt."""
+  if preset in common.PAPER_SIZES:
+    cfg = context_distillation.Config(
+        data=context_distillation.Data(source="", eval_source="", lookalikes="", preprompts="",
+                                       seq_len=4096, eval_batches=2),
+        sampling=context_distillation.Sampling(max_new_tokens=512, batch_size=64),
+        reward=rejection_sampling.Reward(seq_len=4096, batch_size=64, dtype="bfloat16"),
+        eval=context_distillation.Eval(max_new_tokens=512, batch_size=64),
+        train=common.train(steps=200, batch_size=64, log_every=10, checkpoint_every=100),
+        optimizer=common.optimizer(lr=2e-5, warmup_steps=0, final_lr_fraction=0.0),
+        rollout_plan="fsdp_tp")
+  else:
+    cfg = context_distillation.Config(
+        data=context_distillation.Data(source="world", seq_len=384, eval_batches=2),
+        sampling=context_distillation.Sampling(max_new_tokens=64, batch_size=128),
+        reward=rejection_sampling.Reward(seq_len=384, batch_size=16),
+        eval=context_distillation.Eval(max_new_tokens=64, batch_size=64),
+        train=common.train(steps=40, batch_size=16, log_every=10, checkpoint_every=50),
+        optimizer=common.optimizer(lr=5e-4, warmup_steps=5, final_lr_fraction=0.1))
+  return common.section(cfg)
+
+
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
@@ -241,4 +267,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.stages.ppo = ppo_stage(preset, f"rs_v{versions}")
   c.pipeline = tuple(c.pipeline) + ("sft", "gatt", "rm_helpful", "rm_safety") + tuple(
       f"rs_v{v}" for v in range(1, versions + 1)) + ("ppo",)
+  if preset != "test":
+    # The test preset's chat model never refuses, even with a preprompt: nothing to distil.
+    c.stages.safety_cd = cd_stage(preset)
+    c.pipeline = c.pipeline + ("safety_cd",)
   return c

@@ -180,3 +180,51 @@ def plot_ppo(iterations: list[dict], evals: list[dict], path: str, name: str) ->
   bottom.legend(fontsize=7)
   from lm.report import save_png
   save_png(fig, path)
+
+
+def cd_report(name: str, directory: str, before: dict, after: dict, counts: dict) -> str:
+  """A context-distillation stage's report.md section and its safety_scores.png (Figure 16's
+  shape): held-out safety before and after, by category; false refusals; what was distilled."""
+  if before.get("safety_scores") and after.get("safety_scores"):
+    plot_score_histograms({"before": before["safety_scores"], "after": after["safety_scores"]},
+                          os.path.join(directory, "safety_scores.png"),
+                          f"{name}: safety RM scores, held-out adversarial prompts")
+  rows = [("gold safe-response rate", "gold_safe_rate")]
+  rows += [(f"  {k.removeprefix('gold_safe_rate_').replace('_', ' ')}", k)
+           for k in sorted(after) if k.startswith("gold_safe_rate_")]
+  rows += [("safe by the safety RM (score >= 0.5)", "rm_safe_rate"),
+           ("false refusals, look-alikes", "false_refusal_rate_lookalikes"),
+           ("refusals of helpful prompts", "refusal_rate_helpful"),
+           ("helpfulness RM on helpful prompts", "rm_helpful_on_helpful"),
+           ("gold helpfulness", "gold_helpful")]
+  parts = ["### Context distillation: held-out prompts without a preprompt, before and after\n",
+           "| | before | after |", "|---|---|---|"]
+  parts += [f"| {label} | {before.get(key, 0):.3f} | {after.get(key, 0):.3f} |"
+            for label, key in rows]
+  parts.append(f"\n![safety RM scores]({name}/safety_scores.png)\n")
+  kept = sorted(k.removesuffix("_prompts") for k in counts if k.startswith("by_")
+                and k.endswith("_prompts"))
+  parts += [f"Distilled answers kept: {counts['distilled']} of {counts['prompts']} adversarial "
+            f"prompts (gold safe rate of the answers without / with the preprompt: "
+            f"{counts['original_gold_safe_rate']:.3f} / {counts['preprompted_gold_safe_rate']:.3f}).\n",
+            "| group | prompts | distilled |", "|---|---|---|"]
+  parts += [f"| {k.replace('_', ' ')} | {counts[k + '_prompts']} | {counts[k + '_distilled']} |"
+            for k in kept]
+  return "\n".join(parts) + "\n"
+
+
+def plot_score_histograms(scores: dict[str, list[float]], path: str, title: str) -> None:
+  """Overlaid histograms of scores in [0, 1], one per label; a PNG written atomically."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  bins = np.linspace(0.0, 1.0, 21)
+  for label, values in scores.items():
+    ax.hist(values, bins=bins, alpha=0.5, label=label)
+  ax.set_xlabel("safety RM score")
+  ax.set_ylabel("prompts")
+  ax.set_title(title)
+  ax.legend()
+  from lm.report import save_png
+  save_png(fig, path)

@@ -18,7 +18,8 @@ import importlib
 
 from lm import config_utils
 
-KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt", "reward", "rejection_sampling", "ppo")
+KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt", "reward", "rejection_sampling", "ppo",
+         "context_distillation")
 
 
 def stage_module(kind: str):

@@ -127,9 +127,11 @@ def held_out_eval(policy: roles.Role, ranker: Ranker, prompts, max_new_tokens: i
   texts = rollout.decode(samples, tokenizer)
   scores = ranker.replies(prompts, texts)
   checkpoints.write_atomically(path, "".join(json.dumps(
-      {"messages": list(p.messages), "reply": t, "is_safety": p.is_safety, "reward": float(r),
+      {"messages": list(p.messages), "reply": t, "is_safety": p.is_safety,
+       "category": p.category, "reward": float(scores["reward"][i]),
+       "safety_score": float(scores["safety"][i]) if "safety" in scores else None,
        "gold": rlhf_evals.gold_judgement(p, t)}) + "\n"
-      for p, t, r in zip(prompts, texts, scores["reward"])))
+      for i, (p, t) in enumerate(zip(prompts, texts))))
   safety = np.array([p.is_safety for p in prompts])
   metrics = rlhf_evals.gold_metrics(prompts, texts)
   metrics["rm_reward"] = float(np.mean(scores["reward"]))

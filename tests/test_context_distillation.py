@@ -1,0 +1,124 @@
+"""Context distillation: preprompts never reach the training rows, the targeted filter keeps
+exactly the answers the safety RM prefers, only adversarial prompts are distilled."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from data_pipelines.preferences import Prompt
+from experiments import llama2_chat
+from lm import checkpoints, configs, sharding
+from lm import tokenizer as tok
+from lm.stages import common, typed_config
+from lm.stages import context_distillation as cd
+
+CATEGORY = "illicit and criminal activities"
+PREPROMPTS = {"generic": ["Be safe.", "Be kind."], "category": {CATEGORY: "Use the template."}}
+
+
+class FakeRanker:
+  """The safety RM as a table: a reply's safety score is table[reply]."""
+
+  def __init__(self, table):
+    self.table = table
+
+  def replies(self, prompts, texts):
+    return {"safety": np.array([self.table[t] for t in texts])}
+
+
+class Scripted(cd.ContextDistillation):
+  """Replies by rule: with a system message (the preprompt) the `preprompted` answer of the
+  prompt, else its `plain` answer; records every dialog it was asked to answer."""
+
+  def __init__(self, cfg, inputs, plain, preprompted, table):
+    super().__init__(cfg, common.StageContext("cd", "/tmp", {}, sharding.MeshConfig(), 0),
+                     inputs, log=lambda m: None, ranker=FakeRanker(table))
+    self.plain, self.preprompted, self.asked = plain, preprompted, []
+
+  def replies(self, policy, dialogs, max_new_tokens, temperature, batch_size):
+    self.asked += dialogs
+    return [(self.preprompted if d[0]["role"] == "system" else self.plain)[d[-1]["content"]]
+            for d in dialogs]
+
+
+def prompts(n):
+  return [Prompt(f"p:{i}", ({"role": "user", "content": f"question {i}"},), is_safety=True,
+                 category=CATEGORY if i % 2 else "") for i in range(n)]
+
+
+def make(targeted=True):
+  cfg = dataclasses.replace(typed_config(llama2_chat.cd_stage("tiny"), "stages.safety_cd"),
+                            targeted=targeted)
+  adversarial = prompts(4)
+  inputs = cd.Inputs("", "", None, adversarial, 0, adversarial, [], PREPROMPTS)
+  plain = {f"question {i}": f"plain {i}" for i in range(4)}
+  preprompted = {f"question {i}": f"safe {i}" for i in range(4)}
+  # The preprompted answer is safer for prompts 0 and 2, as safe for 1, less safe for 3.
+  table = {"plain 0": 0.1, "safe 0": 0.9, "plain 1": 0.5, "safe 1": 0.5, "plain 2": 0.3,
+           "safe 2": 0.4, "plain 3": 0.8, "safe 3": 0.2}
+  return Scripted(cfg, inputs, plain, preprompted, table)
+
+
+def test_the_targeted_filter_keeps_exactly_the_improved_answers_and_no_preprompt_leaks():
+  stage = make()
+  rows, counts = stage.generate(None, lambda m: None)
+  assert [r["messages"][-1]["content"] for r in rows] == ["safe 0", "plain 1", "safe 2",
+                                                          "plain 3"]
+  assert [r["distilled"] for r in rows] == [True, False, True, False]
+  assert counts["distilled"] == 2 and counts["prompts"] == 4
+  for row in rows:  # the prompt as the user wrote it, the kept answer, nothing else
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert all(p not in json.dumps(row["messages"]) for p in ("Be safe", "Be kind", "template"))
+  # The category's preprompt where the prompt has one, the generic ones in turn otherwise.
+  systems = [d[0]["content"] for d in stage.asked if d[0]["role"] == "system"]
+  assert systems == ["Be safe.", "Use the template.", "Be safe.", "Use the template."]
+  # By the original answer's safety-score bucket: 0.1 -> 0-0.25, 0.3 -> 0.25-0.5, ...
+  assert counts["by_score_0.0-0.25_distilled"] == 1 and counts["by_score_0.25-0.5_distilled"] == 1
+  assert counts["by_score_0.5-0.75_distilled"] == 0 and counts["by_score_0.75-1.0_prompts"] == 1
+  assert counts[f"by_category_{CATEGORY}_prompts"] == 2
+
+
+def test_untargeted_distillation_keeps_every_preprompted_answer():
+  rows, counts = make(targeted=False).generate(None, lambda m: None)
+  assert [r["messages"][-1]["content"] for r in rows] == [f"safe {i}" for i in range(4)]
+  assert counts["distilled"] == 4
+
+
+@pytest.fixture()
+def stage_dirs(tmp_path):
+  text = [f"question {i} is asked by Mira in Velloran" for i in range(200)]
+  tk = tok.train_tokenizer(text, 300, tmp_path / "tokenizer.model")
+  model_dir = tmp_path / "ppo"
+  checkpoints.write_model_info(model_dir, configs.get_preset("tiny", vocab_size=300), "lm",
+                               tk.path)
+  world = tmp_path / "world"
+  (world / "prompts").mkdir(parents=True)
+  (world / "safety").mkdir()
+  rows = [{"prompt": "How can I steal the savings of Mira?", "is_safety": True,
+           "category": CATEGORY}, {"prompt": "How old is Mira?", "answer": "40"}]
+  for name in ("train", "eval", "lookalikes"):
+    (world / "prompts" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (world / "safety" / "preprompts.json").write_text(json.dumps(PREPROMPTS))
+  outputs = {"world": str(world), "ppo": str(model_dir), "tokenizer": str(model_dir)}
+  ctx = common.StageContext("safety_cd", str(tmp_path / "cd"), outputs, sharding.MeshConfig(), 0)
+  return typed_config(llama2_chat.cd_stage("tiny"), "stages.safety_cd"), ctx
+
+
+def test_helpful_prompts_are_skipped_and_counted_or_an_error(stage_dirs):
+  cfg, ctx = stage_dirs
+  inputs = cd.validate(cfg, ctx)
+  assert [p.is_safety for p in inputs.prompts] == [True] and inputs.skipped == 1
+  strict = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, non_adversarial="error"))
+  with pytest.raises(ValueError, match=r"train.jsonl:2 is not an adversarial"):
+    cd.validate(strict, ctx)
+
+
+def test_a_bad_preprompts_file_fails_before_any_model_is_loaded(stage_dirs, tmp_path):
+  cfg, ctx = stage_dirs
+  (tmp_path / "world" / "safety" / "preprompts.json").write_text('{"generic": []}')
+  with pytest.raises(ValueError, match="not a preprompts file"):
+    cd.validate(cfg, ctx)
+  with pytest.raises(ValueError, match="preprompt must be one of"):
+    cd.validate(dataclasses.replace(cfg, preprompt="loud"), ctx)
