@@ -214,7 +214,8 @@ def cd_stage(preset: str) -> ml_collections.ConfigDict:
         rollout_plan="fsdp_tp")
   else:
     cfg = context_distillation.Config(
-        data=context_distillation.Data(source="world", seq_len=384, eval_batches=2),
+        data=context_distillation.Data(source="world", seq_len=384, eval_batches=2,
+                                       helpful_replay=1.0),
         sampling=context_distillation.Sampling(max_new_tokens=64, batch_size=128),
         reward=rejection_sampling.Reward(seq_len=384, batch_size=16),
         eval=context_distillation.Eval(max_new_tokens=64, batch_size=64),

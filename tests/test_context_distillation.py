@@ -48,12 +48,13 @@ def prompts(n):
                  category=CATEGORY if i % 2 else "") for i in range(n)]
 
 
-def make(targeted=True):
+def make(targeted=True, replay=()):
   cfg = dataclasses.replace(typed_config(llama2_chat.cd_stage("tiny"), "stages.safety_cd"),
                             targeted=targeted)
   adversarial = prompts(4)
-  inputs = cd.Inputs("", "", None, adversarial, 0, adversarial, [], PREPROMPTS)
+  inputs = cd.Inputs("", "", None, adversarial, 0, list(replay), adversarial, [], PREPROMPTS)
   plain = {f"question {i}": f"plain {i}" for i in range(4)}
+  plain.update({p.messages[-1]["content"]: "An answer." for p in replay})
   preprompted = {f"question {i}": f"safe {i}" for i in range(4)}
   # The preprompted answer is safer for prompts 0 and 2, as safe for 1, less safe for 3.
   table = {"plain 0": 0.1, "safe 0": 0.9, "plain 1": 0.5, "safe 1": 0.5, "plain 2": 0.3,
@@ -84,6 +85,17 @@ def test_untargeted_distillation_keeps_every_preprompted_answer():
   rows, counts = make(targeted=False).generate(None, lambda m: None)
   assert [r["messages"][-1]["content"] for r in rows] == [f"safe {i}" for i in range(4)]
   assert counts["distilled"] == 4
+
+
+def test_helpful_replay_adds_the_models_own_answers_without_a_preprompt():
+  helpful = [Prompt("h:0", ({"role": "user", "content": "How old is Mira?"},), answer="40")]
+  stage = make(replay=helpful)
+  rows, counts = stage.generate(None, lambda m: None)
+  assert counts["helpful_replayed"] == 1 and counts["distilled"] == 2 and len(rows) == 5
+  assert rows[-1]["messages"] == [{"role": "user", "content": "How old is Mira?"},
+                                  {"role": "assistant", "content": "An answer."}]
+  assert [d for d in stage.asked if d[-1]["content"] == "How old is Mira?"] == [
+      [{"role": "user", "content": "How old is Mira?"}]]  # asked once, with no preprompt
 
 
 @pytest.fixture()

@@ -53,6 +53,10 @@ class Data(kit.DataConfig):
   max_prompts: int = 0
   eval_fraction: float = 0.05
   non_adversarial: str = "skip"  # or "error"
+  # Helpful prompts answered by the starting model itself, as many as this times the
+  # adversarial ones, trained on beside them [U]: distilling refusals alone teaches refusing
+  # everything (measured on tiny: look-alike false refusals 0.17 -> 0.85).
+  helpful_replay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +99,7 @@ class Inputs:
   tokenizer: Tokenizer
   prompts: list  # adversarial prompts to distil
   skipped: int  # prompts that were not adversarial
+  replay: list  # helpful prompts the starting model answers for `helpful_replay`
   eval_prompts: list
   lookalikes: list
   preprompts: dict
@@ -124,7 +129,7 @@ def validate(cfg: Config, ctx) -> Inputs:
   bad = text.BadRows(cfg.data.skip_bad_rows)
   prompts = preferences.read_prompts(prompt_file(cfg, ctx, "train"), bad)
   helpful = [p for p in prompts if not p.is_safety]
-  if helpful and cfg.data.non_adversarial == "error":
+  if helpful and cfg.data.non_adversarial == "error" and not cfg.data.helpful_replay:
     raise ValueError(f"{where}: {helpful[0].where} is not an adversarial (is_safety) prompt; "
                      f"context distillation only distils those (data.non_adversarial='skip' "
                      f"leaves such prompts out)")
@@ -144,8 +149,13 @@ def validate(cfg: Config, ctx) -> Inputs:
   if not adversarial or not any(p.is_safety for p in eval_prompts):
     raise ValueError(f"{where}.data: no adversarial prompts to distil ({len(adversarial)}) or "
                      f"to evaluate")
-  return Inputs(init_dir, tokenizer_path, Tokenizer(tokenizer_path), adversarial, len(helpful),
-                eval_prompts, lookalikes, preprompts)
+  replay = helpful[:round(cfg.data.helpful_replay * len(adversarial))]
+  if cfg.data.helpful_replay > 0 and not replay:
+    raise ValueError(f"{where}.data.helpful_replay={cfg.data.helpful_replay} but the source has "
+                     f"no helpful prompts to replay")
+  return Inputs(init_dir, tokenizer_path, Tokenizer(tokenizer_path), adversarial,
+                len(helpful) if cfg.data.non_adversarial == "skip" else 0, replay, eval_prompts,
+                lookalikes, preprompts)
 
 
 def preprompt_for(preprompts: dict, kind: str, prompt, index: int) -> str:
@@ -209,6 +219,13 @@ class ContextDistillation:
                                                     "content": answer if use else original}],
                    "distilled": use, "category": p.category,
                    "original_safety": float(s_before), "distilled_safety": float(s_after)})
+    if self.inputs.replay:
+      replayed = self.replies(policy, [list(p.messages) for p in self.inputs.replay],
+                              s.max_new_tokens, s.temperature, s.batch_size)
+      rows += [{"messages": list(p.messages) + [{"role": "assistant", "content": t}],
+                "distilled": False, "replay": True} for p, t in zip(self.inputs.replay, replayed)
+               if t]
+      counts["helpful_replayed"] = len(rows) - len(prompts)
     for name, texts in (("original", originals), ("preprompted", distilled)):
       gold = rlhf_evals.gold_metrics(prompts, texts)
       counts[f"{name}_gold_safe_rate"] = gold["gold_safe_rate"]
