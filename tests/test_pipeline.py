@@ -268,7 +268,8 @@ def test_ppo_raises_the_reward_of_its_samples_on_held_out_prompts(chat_run):
   assert mean >= max(0.035, 2.5 * paired_se)
   assert after["kl_sampled"] > 0
   assert ppo["best_iteration"] == after["iteration"]
-  rows = [json.loads(l) for l in (chat_run / "ppo" / "state" / "metrics.jsonl").read_text().splitlines()]
+  rows = [json.loads(l)
+          for l in (chat_run / "ppo" / "state" / "metrics.jsonl").read_text().splitlines()]
   iterations = [r for r in rows if r["kind"] == "iteration"]
   assert len(iterations) == ppo["iterations"]
   assert iterations[0]["kl_k1"] == pytest.approx(0.0, abs=1e-6)  # the policy is π_0 at first

@@ -206,7 +206,8 @@ def cd_report(name: str, directory: str, before: dict, after: dict, counts: dict
                 and k.endswith("_prompts"))
   parts += [f"Distilled answers kept: {counts['distilled']} of {counts['prompts']} adversarial "
             f"prompts (gold safe rate of the answers without / with the preprompt: "
-            f"{counts['original_gold_safe_rate']:.3f} / {counts['preprompted_gold_safe_rate']:.3f}).\n",
+            f"{counts['original_gold_safe_rate']:.3f} / "
+            f"{counts['preprompted_gold_safe_rate']:.3f}).\n",
             "| group | prompts | distilled |", "|---|---|---|"]
   parts += [f"| {k.replace('_', ' ')} | {counts[k + '_prompts']} | {counts[k + '_distilled']} |"
             for k in kept]

@@ -61,7 +61,7 @@ class Data(kit.DataConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  temperature: float = 0.0  # greedy: the paper does not say how the distilled answers were drawn [U]
+  temperature: float = 0.0  # greedy; how the paper drew the distilled answers is not said [U]
   max_new_tokens: int = 512
   batch_size: int = 64
 

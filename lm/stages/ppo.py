@@ -16,11 +16,12 @@ Every `eval.every` iterations (and at the end) the policy answers held-out promp
 the rollout temperature (their RM reward and KL to π_0: what PPO optimises) and greedy replies
 (judged by the RMs and by the world's gold scorers). The stage's model (DIR/checkpoints) is the
 policy at the best `eval.select_by` so far (the starting model counts), and `eval.patience`
-evaluations without a gain stop the run early. The training state (both trees, optimizer, position, the
-evaluation history) is checkpointed in DIR/state at iteration ends, every `checkpoint_every`
-iterations and at each evaluation: a run killed at any moment resumes from there and repeats
-exactly what it would have done (each iteration's prompts, samples and mini-batches come from
-keys folded with the iteration). Rollout, scoring, update and weight movement are timed apart.
+evaluations without a gain stop the run early. The training state (both trees, optimizer,
+position, the evaluation history) is checkpointed in DIR/state at iteration ends, every
+`checkpoint_every` iterations and at each evaluation: a run killed at any moment resumes from
+there and repeats exactly what it would have done (each iteration's prompts, samples and
+mini-batches come from keys folded with the iteration). Rollout, scoring, update and weight
+movement are timed apart.
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ def iteration_prompts(prompts, safety_share: float, count: int, iteration: int,
   n_safety = int(round(safety_share * count))
   return walk(safety, n_safety, 1) + walk(helpful, count - n_safety, 2)
 
+
 def _save_once(directory: str, params, step: int) -> None:
   """params as DIR/checkpoints/<step>, only the newest kept; a step already saved (a resumed run
   repeating an evaluation) is left as it is."""
@@ -269,7 +271,8 @@ def run(cfg: Config, ctx, log=print) -> dict:
         began = time.perf_counter()
         metrics = stage.evaluate(session.state.params["policy"], f"iteration_{done}")
         progress.seconds["eval"] += time.perf_counter() - began
-        _record_eval(cfg, progress, done, metrics, session.state.params["policy"], ctx.directory, log)
+        _record_eval(cfg, progress, done, metrics, session.state.params["policy"], ctx.directory,
+                     log)
       if evaluate or done % cfg.checkpoint_every == 0 or _stopped(cfg, progress):
         session.checkpoint()
     nonfinite = session.finish()["nonfinite_steps"]
@@ -299,13 +302,15 @@ def _record_eval(cfg: Config, progress: Progress, iteration: int, metrics: dict,
     _save_once(directory, params, iteration)
   else:
     progress.without_gain += 1
-  log(f"  held-out at iteration {iteration}: RM reward of samples {metrics['rm_reward_sampled']:.3f} "
-      f"(KL {metrics['kl_sampled']:.2f}), of greedy replies {metrics['rm_reward']:.3f}; gold "
-      f"helpful {metrics['gold_helpful']:.3f}, safe {metrics['gold_safe_rate']:.3f}"
+  log(f"  held-out at iteration {iteration}: RM reward of samples "
+      f"{metrics['rm_reward_sampled']:.3f} (KL {metrics['kl_sampled']:.2f}), of greedy replies "
+      f"{metrics['rm_reward']:.3f}; gold helpful {metrics['gold_helpful']:.3f}, safe "
+      f"{metrics['gold_safe_rate']:.3f}"
       + (" (best so far: the stage's model)" if gain else ""))
 
 
-def _iteration(stage: ppo_models.PPOModels, session: trainer.Session, progress: Progress, log) -> None:
+def _iteration(stage: ppo_models.PPOModels, session: trainer.Session, progress: Progress,
+               log) -> None:
   cfg, ppo, it = stage.cfg, stage.cfg.ppo, progress.iteration
   seconds = {}
   began = time.perf_counter()
