@@ -122,7 +122,9 @@ def test_helpful_prompts_are_skipped_and_counted_or_an_error(stage_dirs):
   cfg, ctx = stage_dirs
   inputs = cd.validate(cfg, ctx)
   assert [p.is_safety for p in inputs.prompts] == [True] and inputs.skipped == 1
-  strict = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, non_adversarial="error"))
+  assert [p.messages[-1]["content"] for p in inputs.replay] == ["How old is Mira?"]
+  strict = dataclasses.replace(cfg, data=dataclasses.replace(
+      cfg.data, non_adversarial="error", helpful_replay=0.0))
   with pytest.raises(ValueError, match=r"train.jsonl:2 is not an adversarial"):
     cd.validate(strict, ctx)
 

@@ -52,7 +52,7 @@ class Data(kit.DataConfig):
   preprompts: str = ""
   max_prompts: int = 0
   eval_fraction: float = 0.05
-  non_adversarial: str = "skip"  # or "error"
+  non_adversarial: str = "skip"  # or "error" (unless they are there for `helpful_replay`)
   # Helpful prompts answered by the starting model itself, as many as this times the
   # adversarial ones, trained on beside them [U]: distilling refusals alone teaches refusing
   # everything (measured on tiny: look-alike false refusals 0.17 -> 0.85).
