@@ -33,7 +33,7 @@ from lm import checkpoints, optim, roles, rollout, sampling, sharding, trainer
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, self_distill
 from lm.stages.best_of_k import Ranker, held_out_eval
-from lm.stages.rejection_sampling import Reward, prompt_file
+from lm.stages.rejection_sampling import Eval, Reward, prompt_file
 from lm.tokenizer import Tokenizer
 
 DATA_FILE = "cd_data.jsonl"
@@ -64,13 +64,6 @@ class Sampling:
   temperature: float = 0.0  # greedy; how the paper drew the distilled answers is not said [U]
   max_new_tokens: int = 512
   batch_size: int = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Eval:
-  max_new_tokens: int = 512
-  batch_size: int = 64
-  max_prompts: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,6 @@ from lm import checkpoints, configs, optim, roles, rollout, sharding, trainer
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, ppo_models, self_distill
 from lm.stages import ppo_experience as experience
-from lm.stages.best_of_k import Ranker, held_out_eval
 from lm.stages.rejection_sampling import Reward, prompt_file
 
 STATE_DIR = "state"
@@ -389,19 +388,10 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   """The held-out evaluation of any model directory, as the stage runs it (greedy replies and
   samples, against the stage's reference and RMs)."""
   inputs = validate(cfg, ctx)
-  mesh = ctx.mesh()
-  policy = roles.load("policy", model_dir, mesh, head="lm", plan=cfg.plan)
-  reference = roles.load("reference", inputs.init_dir, mesh, head="lm",
-                         plan=cfg.frozen_plan or cfg.plan, dtype=cfg.reference_dtype or None)
-  ranker = Ranker.load(cfg.reward, ctx, cfg.frozen_plan or cfg.plan, inputs.tokenizer)
-  rollout_policy = kit.rollout_role(policy, cfg.rollout_plan)
-  metrics = held_out_eval(rollout_policy, ranker, inputs.eval_prompts, cfg.eval.max_new_tokens,
-                          cfg.eval.batch_size, os.path.join(ctx.directory, "eval_eval.jsonl"))
-  metrics.update(ppo_models.held_out_samples(
-      rollout_policy, policy, reference, ranker, inputs.eval_prompts,
-      ppo_models.rollout_sampling(cfg, inputs.tokenizer.eos_id), cfg, ctx.seed,
-      os.path.join(ctx.directory, "eval_eval_samples.jsonl")))
-  return metrics
+  policy = roles.load("policy", model_dir, ctx.mesh(), head="lm", plan=cfg.plan)
+  reference, ranker = ppo_models.load_frozen(cfg, ctx, inputs)
+  return ppo_models.evaluate_policy(cfg, ctx, inputs, kit.rollout_role(policy, cfg.rollout_plan),
+                                    policy, reference, ranker, "eval")
 
 
 PROGRAMS = ppo_models.PROGRAMS

@@ -30,10 +30,7 @@ class PPOModels:
                              trainable=True)
     self.value = roles.load("value", inputs.value_dir, mesh, head="scalar", plan=cfg.plan,
                             trainable=True, seed=ctx.seed)
-    self.reference = roles.load("reference", inputs.init_dir, mesh, head="lm",
-                                plan=cfg.frozen_plan or cfg.plan,
-                                dtype=cfg.reference_dtype or None)
-    self.ranker = Ranker.load(cfg.reward, ctx, cfg.frozen_plan or cfg.plan, inputs.tokenizer)
+    self.reference, self.ranker = load_frozen(cfg, ctx, inputs)
     self.trainer = build_trainer(cfg, self.policy.model_cfg, self.value.model_cfg, mesh)
     self.sampling = rollout_sampling(cfg, inputs.tokenizer.eos_id)
     self._rollout_copy: roles.Role | None = None
@@ -49,18 +46,13 @@ class PPOModels:
   def experience(self, trainable, prompts, samples: rollout.Samples) -> tuple[dict, dict]:
     """(update batch of experience.UPDATE_FIELDS [P, T], the iteration's figures)."""
     cfg = self.cfg
-    # Rows as long as this batch's longest prompt + answer needs, in steps of the rollout's
-    # length bucket (a few compiled shapes), not data.seq_len: most of that would be padding.
-    longest = max(len(p) + n for p, n in zip(samples.prompts, samples.lengths))
-    rows = rollout.training_rows(samples, min(cfg.data.seq_len, rollout.padded_length(longest)))
+    rows = answer_rows(samples, cfg.data.seq_len)
     size = cfg.rollout.scoring_batch_size
     logp = experience.per_token(self.policy.with_params(trainable["policy"]), rows, size)
     ref_logp = experience.per_token(self.reference, rows, size)
     values = experience.per_token(self.value.with_params(trainable["value"]), rows, size)
     is_safety = np.array([p.is_safety for p in prompts])
-    scores = self.ranker.models.score(
-        [np.asarray(p + samples.answer(i), np.int32) for i, p in enumerate(samples.prompts)],
-        is_safety)
+    scores = self.ranker.models.score(answer_sequences(samples), is_safety)
     gated = cfg.reward.ranking == "safety_gated"
     score = experience.whitened_scores(
         scores if gated else {"reward": scores["reward"]},
@@ -98,18 +90,44 @@ class PPOModels:
     return batch, figures
 
   def evaluate(self, params, when: str) -> dict:
-    """Held-out prompts: greedy replies judged by the RMs and the gold scorers (as rejection
-    sampling's), and the RM reward and KL to π_0 of samples at the rollout temperature."""
-    policy = self.rollout_policy(params)
-    cfg = self.cfg
-    metrics = held_out_eval(policy, self.ranker, self.inputs.eval_prompts,
-                            cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                            os.path.join(self.ctx.directory, f"eval_{when}.jsonl"))
-    metrics.update(held_out_samples(
-        policy, self.policy.with_params(params), self.reference, self.ranker,
-        self.inputs.eval_prompts, self.sampling, cfg, self.ctx.seed,
-        os.path.join(self.ctx.directory, f"eval_{when}_samples.jsonl")))
-    return metrics
+    return evaluate_policy(self.cfg, self.ctx, self.inputs, self.rollout_policy(params),
+                           self.policy.with_params(params), self.reference, self.ranker, when)
+
+
+def load_frozen(cfg, ctx, inputs) -> tuple[roles.Role, Ranker]:
+  """The reference π_0 and the reward models, frozen, on `frozen_plan` (else `plan`)."""
+  plan = cfg.frozen_plan or cfg.plan
+  reference = roles.load("reference", inputs.init_dir, ctx.mesh(), head="lm", plan=plan,
+                         dtype=cfg.reference_dtype or None)
+  return reference, Ranker.load(cfg.reward, ctx, plan, inputs.tokenizer)
+
+
+def answer_rows(samples: rollout.Samples, seq_len: int | None = None) -> dict[str, np.ndarray]:
+  """`rollout.training_rows` [N, T] as long as the longest prompt + answer needs, in steps of
+  the rollout's length bucket (a few compiled shapes), capped at `seq_len` when given: most of a
+  full row would be padding."""
+  longest = rollout.padded_length(max(len(p) + n for p, n in zip(samples.prompts,
+                                                                  samples.lengths)))
+  return rollout.training_rows(samples, longest if seq_len is None else min(seq_len, longest))
+
+
+def answer_sequences(samples: rollout.Samples) -> list[np.ndarray]:
+  """Each prompt + its answer (EOS included when reached), as the RMs read them."""
+  return [np.asarray(p + samples.answer(i), np.int32) for i, p in enumerate(samples.prompts)]
+
+
+def evaluate_policy(cfg, ctx, inputs, rollout_policy: roles.Role, policy: roles.Role,
+                    reference: roles.Role, ranker: Ranker, when: str) -> dict:
+  """Held-out prompts: greedy replies judged by the RMs and the gold scorers (as rejection
+  sampling's, into DIR/eval_<when>.jsonl), and the RM reward and KL to π_0 of samples at the
+  rollout temperature (DIR/eval_<when>_samples.jsonl)."""
+  metrics = held_out_eval(rollout_policy, ranker, inputs.eval_prompts, cfg.eval.max_new_tokens,
+                          cfg.eval.batch_size, os.path.join(ctx.directory, f"eval_{when}.jsonl"))
+  metrics.update(held_out_samples(
+      rollout_policy, policy, reference, ranker, inputs.eval_prompts,
+      rollout_sampling(cfg, inputs.tokenizer.eos_id), cfg, ctx.seed,
+      os.path.join(ctx.directory, f"eval_{when}_samples.jsonl")))
+  return metrics
 
 
 def held_out_samples(rollout_policy: roles.Role, policy: roles.Role, reference: roles.Role,
@@ -125,11 +143,9 @@ def held_out_samples(rollout_policy: roles.Role, policy: roles.Role, reference: 
             for p in prompts for _ in range(k)]
   samples = rollout.generate(rollout_policy, tokens, sampling_cfg, jax.random.key(seed + 1),
                              batch_size=cfg.eval.batch_size)
-  scores = ranker.models.score(
-      [np.asarray(p + samples.answer(i), np.int32) for i, p in enumerate(samples.prompts)],
-      [p.is_safety for p in prompts for _ in range(k)])
-  longest = max(len(p) + n for p, n in zip(samples.prompts, samples.lengths))
-  rows = rollout.training_rows(samples, rollout.padded_length(longest))
+  scores = ranker.models.score(answer_sequences(samples),
+                               [p.is_safety for p in prompts for _ in range(k)])
+  rows = answer_rows(samples)
   size = cfg.rollout.scoring_batch_size
   gap = experience.per_token(policy, rows, size) - experience.per_token(reference, rows, size)
   kl = np.sum(np.where(rows["answer_mask"] > 0, gap, 0.0), axis=1).reshape(len(prompts), k)
@@ -137,6 +153,7 @@ def held_out_samples(rollout_policy: roles.Role, policy: roles.Role, reference: 
   self_distill.write_jsonl(path, [{"reward": float(r), "kl": float(d)}
                                   for r, d in zip(reward, kl.mean(axis=1))])
   return {"rm_reward_sampled": float(np.mean(reward)), "kl_sampled": float(np.mean(kl))}
+
 
 def rollout_sampling(cfg, eos_id: int) -> sampling.SamplingConfig:
   return sampling.SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
