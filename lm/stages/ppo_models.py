@@ -156,6 +156,7 @@ def held_out_samples(rollout_policy: roles.Role, policy: roles.Role, reference: 
 
 
 def rollout_sampling(cfg, eos_id: int) -> sampling.SamplingConfig:
+  """How the policy samples its rollouts (and the held-out samples): the `rollout` section."""
   return sampling.SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                  max_new_tokens=cfg.rollout.max_new_tokens, eos_id=eos_id)
 
