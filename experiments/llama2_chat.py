@@ -21,8 +21,8 @@ import dataclasses
 import ml_collections
 
 from experiments import common, pretrain
-from lm.stages import (context_distillation, gatt, ppo, ppo_experience, rejection_sampling,
-                       reward, sft)
+from lm.stages import (chat_eval, context_distillation, gatt, ppo, ppo_experience,
+                       rejection_sampling, reward, sft)
 
 PRESETS = ("tiny", "test") + common.PAPER_SIZES
 SFT_EXAMPLES = 27_540  # the paper's vendor-annotated SFT set
@@ -204,7 +204,7 @@ def cd_stage(preset: str) -> ml_collections.ConfigDict:
   prefers them, distilled without the preprompt."""
   if preset in common.PAPER_SIZES:
     cfg = context_distillation.Config(
-        data=context_distillation.Data(source="", eval_source="", lookalikes="", preprompts="",
+        data=context_distillation.Data(source="", eval_source="", preprompts="",
                                        seq_len=4096, eval_batches=2),
         sampling=context_distillation.Sampling(max_new_tokens=512, batch_size=64),
         reward=rejection_sampling.Reward(seq_len=4096, batch_size=64, dtype="bfloat16"),
@@ -221,6 +221,22 @@ def cd_stage(preset: str) -> ml_collections.ConfigDict:
         eval=context_distillation.Eval(max_new_tokens=64, batch_size=64),
         train=common.train(steps=40, batch_size=16, log_every=10, checkpoint_every=50),
         optimizer=common.optimizer(lr=5e-4, warmup_steps=5, final_lr_fraction=0.1))
+  return common.section(cfg)
+
+
+def chat_eval_stage(preset: str, models: tuple, **fields) -> ml_collections.ConfigDict:
+  """`models` side by side on the held-out adversarial, helpful and look-alike prompts: safe
+  rate by category, false refusals, helpfulness (LLAMA2.md §8's trade-off, stage by stage)."""
+  if preset in common.PAPER_SIZES:
+    cfg = chat_eval.Config(
+        models=models, data=chat_eval.Data(source="", eval_source=""),
+        reward=rejection_sampling.Reward(seq_len=4096, batch_size=64, dtype="bfloat16"),
+        eval=rejection_sampling.Eval(max_new_tokens=512, batch_size=64), rollout_plan="fsdp_tp",
+        **fields)
+  else:
+    cfg = chat_eval.Config(
+        models=models, reward=rejection_sampling.Reward(seq_len=384, batch_size=16),
+        eval=rejection_sampling.Eval(max_new_tokens=64, batch_size=64), **fields)
   return common.section(cfg)
 
 
@@ -271,5 +287,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset != "test":
     # The test preset's chat model never refuses, even with a preprompt: nothing to distil.
     c.stages.safety_cd = cd_stage(preset)
-    c.pipeline = c.pipeline + ("safety_cd",)
+    c.stages.chat_eval = chat_eval_stage(preset, ("sft", "gatt") + tuple(
+        f"rs_v{v}" for v in range(1, versions + 1)) + ("ppo", "safety_cd"))
+    c.pipeline = c.pipeline + ("safety_cd", "chat_eval")
   return c

@@ -4,11 +4,11 @@ import math
 
 import pytest
 
-from experiments import llama2_chat, pretrain
+from experiments import llama2_chat, pretrain, safety_scaling
 from lm import config_utils, optim
 from lm.stages import sft, typed_config
 
-ALL = [(pretrain, p) for p in pretrain.PRESETS] + [(llama2_chat, p) for p in llama2_chat.PRESETS]
+ALL = [(m, p) for m in (pretrain, llama2_chat, safety_scaling) for p in m.PRESETS]
 
 
 @pytest.mark.parametrize("module, preset", ALL, ids=[f"{m.__name__}:{p}" for m, p in ALL])

@@ -114,7 +114,7 @@ def make_stage(tk, tmp_path, table, pool=()):
   cfg = typed_config(llama2_chat.rs_stage("test", 1), "stages.rs_v2")
   ctx = common.StageContext("rs_v2", str(tmp_path / "rs_v2"), {}, sharding.MeshConfig(), 0)
   (tmp_path / "rs_v2").mkdir(exist_ok=True)
-  inputs = rs.Inputs(None, "", tk.path, tk, prompts, prompts,
+  inputs = rs.Inputs(None, "", tk.path, tk, prompts, prompts, [],
                      [(name, str(tmp_path / name / "samples.jsonl")) for name in pool],
                      str(tmp_path / "teacher" / "samples.jsonl"))
   models = TableRMs(tk, table)

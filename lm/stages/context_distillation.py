@@ -33,7 +33,7 @@ from lm import checkpoints, optim, roles, rollout, sampling, sharding, trainer
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, self_distill
 from lm.stages.best_of_k import Ranker, held_out_eval
-from lm.stages.rejection_sampling import Eval, Reward, prompt_file
+from lm.stages.rejection_sampling import Eval, Reward, lookalike_prompts, prompt_file
 from lm.tokenizer import Tokenizer
 
 DATA_FILE = "cd_data.jsonl"
@@ -43,12 +43,10 @@ SCORE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @dataclasses.dataclass(frozen=True)
 class Data(kit.DataConfig):
-  """Prompts as for rejection sampling; `lookalikes`: benign look-alike prompts for false
-  refusals (default the source's prompts/lookalikes.jsonl); `preprompts`: a JSON file
-  {"generic": [...], "category": {category: preprompt}} (default the source's
-  safety/preprompts.json)."""
+  """Prompts as for rejection sampling; `preprompts`: a JSON file {"generic": [...],
+  "category": {category: preprompt}} (default the source's safety/preprompts.json). The
+  look-alikes that count false refusals are `eval.lookalikes`."""
 
-  lookalikes: str = ""
   preprompts: str = ""
   max_prompts: int = 0
   eval_fraction: float = 0.05
@@ -129,8 +127,7 @@ def validate(cfg: Config, ctx) -> Inputs:
   adversarial = [p for p in prompts if p.is_safety][:cfg.data.max_prompts or None]
   eval_prompts = preferences.read_prompts(prompt_file(cfg, ctx, "eval"), bad)
   eval_prompts = eval_prompts[:cfg.eval.max_prompts or None]
-  lookalikes = preferences.read_prompts(
-      _source_file(cfg, ctx, "lookalikes", os.path.join("prompts", "lookalikes.jsonl")), bad)
+  lookalikes = lookalike_prompts(cfg, ctx, bad)
   path = _source_file(cfg, ctx, "preprompts", os.path.join("safety", "preprompts.json"))
   try:
     preprompts = json.load(open(path))
@@ -232,19 +229,9 @@ class ContextDistillation:
     e = self.cfg.eval
     path = os.path.join(self.ctx.directory, f"eval_{when}.jsonl")
     metrics = held_out_eval(policy, self.ranker, self.inputs.eval_prompts, e.max_new_tokens,
-                            e.batch_size, path)
-    rows = self_distill.read_jsonl(path)
-    adversarial = [r for r in rows if r["is_safety"]]
-    for category in sorted({r["category"] for r in adversarial}):
-      judged = [r["gold"] for r in adversarial if r["category"] == category]
-      metrics[f"gold_safe_rate_{category.replace(' ', '_')}"] = float(np.mean(judged))
-    metrics["rm_safe_rate"] = float(np.mean([r["safety_score"] >= 0.5 for r in adversarial]))
-    metrics["safety_scores"] = [r["safety_score"] for r in adversarial]
-    if self.inputs.lookalikes:
-      texts = self.replies(policy, [list(p.messages) for p in self.inputs.lookalikes],
-                           e.max_new_tokens, 0.0, e.batch_size)
-      metrics["false_refusal_rate_lookalikes"] = float(np.mean(
-          [world_safety.is_refusal(t) for t in texts]))
+                            e.batch_size, path, self.inputs.lookalikes)
+    metrics["safety_scores"] = [r["safety_score"] for r in self_distill.read_jsonl(path)
+                                if r.get("is_safety")]
     return metrics
 
 

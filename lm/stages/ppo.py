@@ -39,7 +39,7 @@ from lm import checkpoints, configs, optim, roles, rollout, sharding, trainer
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, ppo_models, self_distill
 from lm.stages import ppo_experience as experience
-from lm.stages.rejection_sampling import Reward, prompt_file
+from lm.stages.rejection_sampling import Reward, lookalike_prompts, prompt_file
 
 STATE_DIR = "state"
 VALUE_DIR = "value"
@@ -84,6 +84,7 @@ class Eval:
   max_new_tokens: int = 512
   batch_size: int = 64
   max_prompts: int = 0
+  lookalikes: str = ""  # as rejection sampling's eval.lookalikes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Inputs:
   prompts: list  # data_pipelines.preferences.Prompt
   prompt_tokens: list[list[int]]
   eval_prompts: list
+  lookalikes: list
   too_long: int
   rm_stats: dict | None  # {"helpful": (mean, std), "safety": ...} for whiten_rewards="rm"
 
@@ -186,7 +188,7 @@ def validate(cfg: Config, ctx) -> Inputs:
       saved = json.load(open(path))
       stats[track] = (saved["score_mean"], saved["score_std"])
   return Inputs(model_cfg, init_dir, value_dir, tokenizer_path, tokenizer, prompts, encoded,
-                eval_prompts, too_long, stats)
+                eval_prompts, lookalike_prompts(cfg, ctx, bad), too_long, stats)
 
 
 class Progress:

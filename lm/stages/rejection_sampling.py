@@ -90,11 +90,14 @@ class Reward:
 @dataclasses.dataclass(frozen=True)
 class Eval:
   """Greedy replies to the held-out prompts (`data.eval_source`), judged by the gold scorers
-  and the RMs; `max_prompts` > 0 keeps the first that many."""
+  and the RMs; `max_prompts` > 0 keeps the first that many. `lookalikes`: benign prompts that
+  look adversarial (JSONL prompts), answered greedily to count false refusals; "" for the
+  source stage's prompts/lookalikes.jsonl when it wrote one, "none" for no such count."""
 
   max_new_tokens: int = 512
   batch_size: int = 64
   max_prompts: int = 0
+  lookalikes: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +129,22 @@ def prompt_file(cfg: Config, ctx, split: str) -> str:
   return explicit
 
 
+def lookalike_prompts(cfg, ctx, bad) -> list:
+  """The look-alike prompts of `cfg.eval.lookalikes` (see `Eval`), [] for none."""
+  given = cfg.eval.lookalikes
+  if given == "none":
+    return []
+  if not given:
+    if cfg.data.source not in ctx.outputs:
+      return []
+    given = os.path.join(ctx.outputs[cfg.data.source], "prompts", "lookalikes.jsonl")
+    if not os.path.exists(given):
+      return []
+  elif not os.path.exists(given):
+    raise ValueError(f"stages.{ctx.name}.eval.lookalikes: {given} does not exist")
+  return preferences.read_prompts(given, bad)
+
+
 def _samples_path(reference: str, ctx, field: str) -> str:
   path = os.path.join(ctx.output_of(reference), SAMPLES_FILE)
   if not os.path.exists(path):
@@ -142,6 +161,7 @@ class Inputs:
   tokenizer: Tokenizer
   prompts: list  # data_pipelines.preferences.Prompt
   eval_prompts: list
+  lookalikes: list
   pool: list[tuple[str, str]]  # (stage, samples.jsonl)
   samples_from: str  # samples.jsonl or ""
 
@@ -184,7 +204,7 @@ def validate(cfg: Config, ctx) -> Inputs:
       raise ValueError(f"{where}: {reference!r} sampled with another tokenizer; its token ids "
                        f"mean nothing to this stage's models")
   return Inputs(model_cfg, init_dir, tokenizer_path, Tokenizer(tokenizer_path), prompts,
-                eval_prompts, pool, samples_from)
+                eval_prompts, lookalike_prompts(cfg, ctx, bad), pool, samples_from)
 
 
 def prompt_key(prompt) -> str:
@@ -329,11 +349,12 @@ class RejectionSampling:
     return rows, counts
 
   def evaluate(self, policy: roles.Role, when: str) -> dict:
-    """Greedy replies to the held-out prompts: gold scores and the RMs' view of them; the
-    replies go to DIR/eval_<when>.jsonl."""
+    """Greedy replies to the held-out prompts and the look-alikes: gold scores, false refusals
+    and the RMs' view of them; the replies go to DIR/eval_<when>.jsonl."""
     return held_out_eval(policy, self.ranker, self.inputs.eval_prompts,
                          self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size,
-                         os.path.join(self.ctx.directory, f"eval_{when}.jsonl"))
+                         os.path.join(self.ctx.directory, f"eval_{when}.jsonl"),
+                         self.inputs.lookalikes)
 
 
 def run(cfg: Config, ctx, log=print) -> dict:
