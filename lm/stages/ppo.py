@@ -1,8 +1,8 @@
 """PPO with the safety-gated, whitened reward and a per-token KL penalty (LLAMA2.md §7.3).
 
 Five roles: the policy and the value model train together (one optimizer over
-{"policy", "value"}, on the training plan); the reference π_0 (the model PPO starts from) and the
-two reward models are frozen (optionally in bf16). Each iteration:
+{"policy", "value"}, on the training plan); the reference π_0 (the model PPO starts from, or
+`reference_from`) and the two reward models are frozen (optionally in bf16). Each iteration:
 
   1. `prompts_per_iteration` prompts, drawn in a seeded order (with `data.safety_share` of them
      `is_safety` when set), are answered once each by the policy through the rollout path, on a
@@ -91,6 +91,9 @@ class Eval:
 class Config:
   kind: str = "ppo"
   init_from: str = "rs_v4"  # the policy's start and the reference π_0
+  # Another reference π_0 than the start, e.g. PPO continued from an earlier PPO stage with the
+  # KL still measured from the model RLHF began with; "" for init_from.
+  reference_from: str = ""
   value_from: str = "rm_helpful"  # the value model's start (a scalar head is put on an lm) [U]
   tokenizer: str = "tokenizer"
   data: Data = Data()
@@ -113,6 +116,7 @@ class Config:
 class Inputs:
   model_cfg: configs.ModelConfig
   init_dir: str
+  reference_dir: str
   value_dir: str
   tokenizer_path: str
   tokenizer: object
@@ -148,6 +152,12 @@ def validate(cfg: Config, ctx) -> Inputs:
     raise ValueError(f"{where}.data.safety_share must be in [0, 1] or -1, got "
                      f"{cfg.data.safety_share}")
   model_cfg, init_dir, tokenizer_path = kit.chat_start(cfg, ctx, "an RLHF (or SFT) model")
+  reference_dir = ctx.output_of(cfg.reference_from) if cfg.reference_from else init_dir
+  reference_cfg, _ = checkpoints.read_model_info(reference_dir)
+  if reference_cfg.vocab_size != model_cfg.vocab_size:
+    raise ValueError(f"{where}.reference_from: {cfg.reference_from!r} has a vocabulary of "
+                     f"{reference_cfg.vocab_size}, the policy {model_cfg.vocab_size}; the KL "
+                     f"penalty compares their log-probs token by token")
   value_dir = ctx.output_of(cfg.value_from)
   value_cfg, _ = checkpoints.read_model_info(value_dir)
   if value_cfg.vocab_size != model_cfg.vocab_size:
@@ -187,7 +197,8 @@ def validate(cfg: Config, ctx) -> Inputs:
                          f"stage); use 'batch' for a reward model without it")
       saved = json.load(open(path))
       stats[track] = (saved["score_mean"], saved["score_std"])
-  return Inputs(model_cfg, init_dir, value_dir, tokenizer_path, tokenizer, prompts, encoded,
+  return Inputs(model_cfg, init_dir, reference_dir, value_dir, tokenizer_path, tokenizer,
+                prompts, encoded,
                 eval_prompts, lookalike_prompts(cfg, ctx, bad), too_long, stats)
 
 

@@ -97,7 +97,7 @@ class PPOModels:
 def load_frozen(cfg, ctx, inputs) -> tuple[roles.Role, Ranker]:
   """The reference π_0 and the reward models, frozen, on `frozen_plan` (else `plan`)."""
   plan = cfg.frozen_plan or cfg.plan
-  reference = roles.load("reference", inputs.init_dir, ctx.mesh(), head="lm", plan=plan,
+  reference = roles.load("reference", inputs.reference_dir, ctx.mesh(), head="lm", plan=plan,
                          dtype=cfg.reference_dtype or None)
   return reference, Ranker.load(cfg.reward, ctx, plan, inputs.tokenizer)
 
