@@ -19,3 +19,16 @@ jax.config.update("jax_threefry_partitionable", True)
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, "tests expect 8 fake CPU devices; XLA_FLAGS was set too late"
+
+
+# The longest files first, so that with `-n 2 --dist loadfile` (pytest.ini) the end-to-end chain
+# starts at once on one worker while the other works through the rest.
+LONGEST_FIRST = ("test_pipeline.py", "test_aot.py", "test_trainer.py", "test_ppo.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+  items.sort(key=rank)  # stable: each file keeps its own order
