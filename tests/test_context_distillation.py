@@ -136,3 +136,16 @@ def test_a_bad_preprompts_file_fails_before_any_model_is_loaded(stage_dirs, tmp_
     cd.validate(cfg, ctx)
   with pytest.raises(ValueError, match="preprompt must be one of"):
     cd.validate(dataclasses.replace(cfg, preprompt="loud"), ctx)
+
+
+def test_score_change_is_grouped_by_the_starting_score():
+  from lm.evals import rlhf
+  row = lambda i, score, safety=True: {"messages": [{"role": "user", "content": f"q{i}"}],  # noqa
+                                       "is_safety": safety, "safety_score": score}
+  before = [row(0, 0.1), row(1, 0.2), row(2, 0.9), row(3, 0.6, safety=False), row(4, 1.0)]
+  after = [row(4, 0.7), row(2, 0.95), row(1, 0.8), row(0, 0.5), row(3, 0.0, safety=False)]
+  change = rlhf.score_change_by_bucket(before, after)
+  assert change == [{"bucket": "0.0-0.25", "prompts": 2, "before": pytest.approx(0.15),
+                     "after": pytest.approx(0.65)},
+                    {"bucket": "0.75-1.0", "prompts": 2, "before": pytest.approx(0.95),
+                     "after": pytest.approx(0.825)}]

@@ -11,6 +11,7 @@ scores fall is over-optimisation (Gao et al. 2022).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -188,7 +189,8 @@ def plot_ppo(iterations: list[dict], evals: list[dict], path: str, name: str) ->
   save_png(fig, path)
 
 
-def cd_report(name: str, directory: str, before: dict, after: dict, counts: dict) -> str:
+def cd_report(name: str, directory: str, before: dict, after: dict, counts: dict,
+              change: list[dict] = ()) -> str:
   """A context-distillation stage's report.md section and its safety_scores.png (Figure 16's
   shape): held-out safety before and after, by category; false refusals; what was distilled."""
   if before.get("safety_scores") and after.get("safety_scores"):
@@ -208,6 +210,13 @@ def cd_report(name: str, directory: str, before: dict, after: dict, counts: dict
   parts += [f"| {label} | {before.get(key, 0):.3f} | {after.get(key, 0):.3f} |"
             for label, key in rows]
   parts.append(f"\n![safety RM scores]({name}/safety_scores.png)\n")
+  if change:
+    parts += ["Safety RM score of the held-out adversarial prompts by the starting model's score "
+              "(Figure 16b's shape: distillation should lift the low ones and leave the high):\n",
+              "| starting score | prompts | before | after |", "|---|---|---|---|"]
+    parts += [f"| {c['bucket']} | {c['prompts']} | {c['before']:.3f} | {c['after']:.3f} |"
+              for c in change]
+    parts.append("")
   kept = sorted(k.removesuffix("_prompts") for k in counts if k.startswith("by_")
                 and k.endswith("_prompts"))
   parts += [f"Distilled answers kept: {counts['distilled']} of {counts['prompts']} adversarial "
@@ -218,6 +227,26 @@ def cd_report(name: str, directory: str, before: dict, after: dict, counts: dict
   parts += [f"| {k.replace('_', ' ')} | {counts[k + '_prompts']} | {counts[k + '_distilled']} |"
             for k in kept]
   return "\n".join(parts) + "\n"
+
+
+def score_change_by_bucket(before: list[dict], after: list[dict],
+                           edges=(0.0, 0.25, 0.5, 0.75, 1.0)) -> list[dict]:
+  """Figure 16b's shape: the held-out adversarial prompts grouped by the starting model's safety
+  RM score, with the mean score before and after, [{"bucket", "prompts", "before", "after"}].
+  `before` and `after` are a held-out evaluation's rows (the same prompts, matched by their
+  messages)."""
+  key = lambda r: json.dumps(r["messages"], sort_keys=True)  # noqa: E731
+  later = {key(r): r["safety_score"] for r in after if r.get("is_safety")}
+  groups = {}
+  for row in before:
+    if not row.get("is_safety") or key(row) not in later:
+      continue
+    score = row["safety_score"]
+    lo = max(e for e in edges[:-1] if score >= e) if score >= edges[0] else edges[0]
+    groups.setdefault(lo, []).append((score, later[key(row)]))
+  return [{"bucket": f"{lo}-{edges[edges.index(lo) + 1]}", "prompts": len(pairs),
+           "before": float(np.mean([b for b, _ in pairs])),
+           "after": float(np.mean([a for _, a in pairs]))} for lo, pairs in sorted(groups.items())]
 
 
 def plot_score_histograms(scores: dict[str, list[float]], path: str, title: str) -> None:

@@ -243,8 +243,13 @@ def run(cfg: Config, ctx, log=print) -> dict:
   if result.get("preempted"):
     return result
   counts = {k.removeprefix("data_"): v for k, v in result.items() if k.startswith("data_")}
+  change = rlhf_evals.score_change_by_bucket(*(
+      self_distill.read_jsonl(os.path.join(ctx.directory, f"eval_{when}.jsonl"))
+      for when in ("before", "after")))
   checkpoints.write_atomically(os.path.join(ctx.directory, "report.md"), rlhf_evals.cd_report(
-      ctx.name, ctx.directory, before, after, counts))
+      ctx.name, ctx.directory, before, after, counts, change))
+  result.update({f"safety_rm_{c['bucket']}_{when}": c[when] for c in change
+                 for when in ("before", "after")})
   return {k: v for k, v in result.items() if not k.startswith("safety_scores")}
 
 
