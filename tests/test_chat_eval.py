@@ -167,3 +167,13 @@ def test_the_scaling_experiment_fine_tunes_one_variant_per_share_and_plots_again
   assert all(c.stages[m].init_from == "pretrain" for m in c.stages.chat_eval.models)
   assert c.pipeline[-1] == "chat_eval" and "ppo" not in c.pipeline
   assert np.all(np.diff(shares) > 0)
+
+
+def test_lm_eval_reruns_every_model_or_the_one_given(world, scripted, tmp_path):
+  cfg, ctx = stage_config(), context(world, tmp_path)
+  metrics = chat_eval.run(cfg, ctx, log=lambda m: None)
+  scripted.clear()
+  assert chat_eval.evaluate(cfg, ctx, str(tmp_path)) == metrics
+  scripted.clear()
+  one = chat_eval.evaluate(cfg, ctx, world["careful"])
+  assert one["false_refusal_rate_lookalikes"] == metrics["careful/false_refusal_rate_lookalikes"]

@@ -128,8 +128,12 @@ def run(cfg: Config, ctx, log=print) -> dict:
 
 
 def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
-  """`lm eval`: one model directory's figures, as the stage measures each of its models."""
+  """`lm eval`: the figures of `model_dir` when it holds a model (`--checkpoint`), else of every
+  model of the stage, as its run measured them."""
   inputs = validate(cfg, ctx)
   ranker = Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
-  return evaluate_model(cfg, ctx, inputs, ranker, model_dir, "eval")
-
+  if os.path.exists(os.path.join(model_dir, checkpoints.MODEL_FILE)):
+    return evaluate_model(cfg, ctx, inputs, ranker, model_dir, "eval")
+  return {f"{label}/{key}": value for label, directory in inputs.models
+          for key, value in evaluate_model(cfg, ctx, inputs, ranker, directory, label).items()
+          if key in tradeoff.SUMMARY_KEYS}
