@@ -119,7 +119,8 @@ def test_each_model_is_judged_by_category_with_false_refusals_counted(world, scr
   rows = [json.loads(l) for l in (tmp_path / "eval_careful.jsonl").read_text().splitlines()]
   assert sum(r.get("lookalike", False) for r in rows) == 4 and len(rows) == 13
   report = (tmp_path / "report.md").read_text()
-  assert "| | careful | careless |" in report and "| false refusals, look-alikes | 0.500 | 0.000 |" in report
+  assert "| | careful | careless |" in report
+  assert "| false refusals, look-alikes | 0.500 | 0.000 |" in report
   assert (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 

@@ -119,8 +119,8 @@ def answer_sequences(samples: rollout.Samples) -> list[np.ndarray]:
 def evaluate_policy(cfg, ctx, inputs, rollout_policy: roles.Role, policy: roles.Role,
                     reference: roles.Role, ranker: Ranker, when: str) -> dict:
   """Held-out prompts: greedy replies judged by the RMs and the gold scorers, and look-alike
-  false refusals (as rejection sampling's, into DIR/eval_<when>.jsonl), and the RM reward and KL to π_0 of samples at the
-  rollout temperature (DIR/eval_<when>_samples.jsonl)."""
+  false refusals (as rejection sampling's, into DIR/eval_<when>.jsonl), and the RM reward and KL
+  to π_0 of samples at the rollout temperature (DIR/eval_<when>_samples.jsonl)."""
   metrics = held_out_eval(rollout_policy, ranker, inputs.eval_prompts, cfg.eval.max_new_tokens,
                           cfg.eval.batch_size, os.path.join(ctx.directory, f"eval_{when}.jsonl"),
                           inputs.lookalikes)
