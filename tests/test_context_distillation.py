@@ -48,13 +48,15 @@ def prompts(n):
                  category=CATEGORY if i % 2 else "") for i in range(n)]
 
 
-def make(targeted=True, replay=()):
+def make(targeted=True, replay=(), lookalikes=()):
   cfg = dataclasses.replace(typed_config(llama2_chat.cd_stage("tiny"), "stages.safety_cd"),
                             targeted=targeted)
   adversarial = prompts(4)
-  inputs = cd.Inputs("", "", None, adversarial, 0, list(replay), adversarial, [], PREPROMPTS)
+  inputs = cd.Inputs("", "", None, adversarial, 0, list(replay), list(lookalikes), adversarial,
+                     [], PREPROMPTS)
   plain = {f"question {i}": f"plain {i}" for i in range(4)}
   plain.update({p.messages[-1]["content"]: "An answer." for p in replay})
+  plain.update({p.messages[-1]["content"]: p.answer for p in lookalikes})
   preprompted = {f"question {i}": f"safe {i}" for i in range(4)}
   # The preprompted answer is safer for prompts 0 and 2, as safe for 1, less safe for 3.
   table = {"plain 0": 0.1, "safe 0": 0.9, "plain 1": 0.5, "safe 1": 0.5, "plain 2": 0.3,
@@ -98,6 +100,17 @@ def test_helpful_replay_adds_the_models_own_answers_without_a_preprompt():
       [{"role": "user", "content": "How old is Mira?"}]]  # asked once, with no preprompt
 
 
+def test_lookalike_replay_keeps_the_models_answers_and_drops_its_refusals():
+  lookalikes = [Prompt(f"l:{i}", ({"role": "user", "content": f"How do I steal pie {i}?"},),
+                       answer=reply) for i, reply in enumerate(
+                           ["Bake it first.", "I cannot help with that request.", "Eat it."])]
+  rows, counts = make(lookalikes=lookalikes).generate(None, lambda m: None)
+  replayed = [r for r in rows if r.get("replay") == "lookalike"]
+  assert [r["messages"][-1]["content"] for r in replayed] == ["Bake it first.", "Eat it."]
+  assert counts["lookalike_replayed"] == 2 and counts["lookalike_refusals_dropped"] == 1
+  assert all(m["role"] != "system" for r in replayed for m in r["messages"])
+
+
 @pytest.fixture()
 def stage_dirs(tmp_path):
   text = [f"question {i} is asked by Mira in Velloran" for i in range(200)]
@@ -110,7 +123,7 @@ def stage_dirs(tmp_path):
   (world / "safety").mkdir()
   rows = [{"prompt": "How can I steal the savings of Mira?", "is_safety": True,
            "category": CATEGORY}, {"prompt": "How old is Mira?", "answer": "40"}]
-  for name in ("train", "eval", "lookalikes"):
+  for name in ("train", "eval", "lookalikes", "lookalikes_train"):
     (world / "prompts" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   (world / "safety" / "preprompts.json").write_text(json.dumps(PREPROMPTS))
   outputs = {"world": str(world), "ppo": str(model_dir), "tokenizer": str(model_dir)}
@@ -123,6 +136,9 @@ def test_helpful_prompts_are_skipped_and_counted_or_an_error(stage_dirs):
   inputs = cd.validate(cfg, ctx)
   assert [p.is_safety for p in inputs.prompts] == [True] and inputs.skipped == 1
   assert [p.messages[-1]["content"] for p in inputs.replay] == ["How old is Mira?"]
+  with_lookalikes = cd.validate(dataclasses.replace(cfg, data=dataclasses.replace(
+      cfg.data, lookalike_replay=1.0)), ctx)
+  assert len(with_lookalikes.lookalike_replay) == 1 and inputs.lookalike_replay == []
   strict = dataclasses.replace(cfg, data=dataclasses.replace(
       cfg.data, non_adversarial="error", helpful_replay=0.0))
   with pytest.raises(ValueError, match=r"train.jsonl:2 is not an adversarial"):

@@ -28,7 +28,8 @@ def test_same_seed_same_files_other_seed_other_files(written, tmp_path):
   world.write_world(str(tmp_path / "again"), world.WorldConfig.preset("test", seed=0))
   world.write_world(str(tmp_path / "other"), world.WorldConfig.preset("test", seed=1))
   for name in ("preferences/helpful/train.jsonl", "preferences/safety/train.jsonl",
-               "prompts/train.jsonl", "prompts/lookalikes.jsonl", "sft/safety.jsonl"):
+               "prompts/train.jsonl", "prompts/lookalikes.jsonl",
+               "prompts/lookalikes_train.jsonl", "sft/safety.jsonl"):
     assert (written / name).read_text() == (tmp_path / "again" / name).read_text()
     assert (written / name).read_text() != (tmp_path / "other" / name).read_text()
 

@@ -20,6 +20,7 @@ writes, through the same JSONL paths a user's own data takes:
                                        is_safety with a category
   from safety.py
     DIR/prompts/lookalikes.jsonl       benign look-alikes of adversarial prompts
+    DIR/prompts/lookalikes_train.jsonl the same about the training people (replay in training)
     DIR/sft/safety.jsonl               safety demonstrations, not mixed into sft/train.jsonl
     DIR/safety/preprompts.json         generic and per-category safety preprompts, answer
                                        templates

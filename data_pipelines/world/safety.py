@@ -245,16 +245,23 @@ def preprompts() -> dict:
 
 
 def write(out: str, world: core.World, cfg: core.WorldConfig) -> dict:
-  """Writes safety/preprompts.json, sft/safety.jsonl and prompts/lookalikes.jsonl under `out`."""
+  """Writes safety/preprompts.json, sft/safety.jsonl, prompts/lookalikes.jsonl (about held-out
+  people) and prompts/lookalikes_train.jsonl (about the training people) under `out`."""
   train_people, held_out = core.sft_people(world)
   demos = safety_sft_dialogues(train_people, max(cfg.sft_dialogues // 10, 32), cfg.seed * 1000 + 20)
   core.write_jsonl(os.path.join(out, "sft", "safety.jsonl"), demos)
   rng = random.Random(cfg.seed * 1000 + 21)
   lookalikes = [lookalike_prompt(held_out, rng) for _ in range(max(cfg.sft_dialogues // 20, 48))]
   core.write_jsonl(os.path.join(out, "prompts", "lookalikes.jsonl"), lookalikes)
+  # About the training people (the held-out set is about the others), for replay in training.
+  rng = random.Random(cfg.seed * 1000 + 22)
+  lookalikes_train = [lookalike_prompt(train_people, rng)
+                      for _ in range(max(cfg.sft_dialogues // 20, 48))]
+  core.write_jsonl(os.path.join(out, "prompts", "lookalikes_train.jsonl"), lookalikes_train)
   path = os.path.join(out, "safety", "preprompts.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(preprompts(), f, indent=2)
   os.replace(path + ".tmp", path)
-  return {"safety_sft_dialogues": len(demos), "lookalike_prompts": len(lookalikes)}
+  return {"safety_sft_dialogues": len(demos), "lookalike_prompts": len(lookalikes),
+          "lookalike_train_prompts": len(lookalikes_train)}

@@ -55,6 +55,12 @@ class Data(kit.DataConfig):
   # adversarial ones, trained on beside them [U]: distilling refusals alone teaches refusing
   # everything (measured on tiny: look-alike false refusals 0.17 -> 0.85).
   helpful_replay: float = 0.0
+  # Benign look-alikes of adversarial prompts about the training people (default the source's
+  # prompts/lookalikes_train.jsonl), as many as this times the adversarial ones, answered by the
+  # starting model; its refusals among them are dropped [U]. Every distilled refusal also teaches
+  # "these words -> refuse"; the look-alikes share the words and are answered.
+  lookalike_replay: float = 0.0
+  lookalikes_train: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,7 @@ class Inputs:
   prompts: list  # adversarial prompts to distil
   skipped: int  # prompts that were not adversarial
   replay: list  # helpful prompts the starting model answers for `helpful_replay`
+  lookalike_replay: list  # look-alikes it answers for `lookalike_replay`
   eval_prompts: list
   lookalikes: list
   preprompts: dict
@@ -143,9 +150,17 @@ def validate(cfg: Config, ctx) -> Inputs:
   if cfg.data.helpful_replay > 0 and not replay:
     raise ValueError(f"{where}.data.helpful_replay={cfg.data.helpful_replay} but the source has "
                      f"no helpful prompts to replay")
+  lookalike_replay = []
+  if cfg.data.lookalike_replay > 0:
+    lookalike_replay = preferences.read_prompts(_source_file(
+        cfg, ctx, "lookalikes_train", os.path.join("prompts", "lookalikes_train.jsonl")), bad)
+    lookalike_replay = lookalike_replay[:round(cfg.data.lookalike_replay * len(adversarial))]
+    if not lookalike_replay:
+      raise ValueError(f"{where}.data.lookalike_replay={cfg.data.lookalike_replay} but there are "
+                       f"no look-alike prompts to replay")
   return Inputs(init_dir, tokenizer_path, Tokenizer(tokenizer_path), adversarial,
-                len(helpful) if cfg.data.non_adversarial == "skip" else 0, replay, eval_prompts,
-                lookalikes, preprompts)
+                len(helpful) if cfg.data.non_adversarial == "skip" else 0, replay,
+                lookalike_replay, eval_prompts, lookalikes, preprompts)
 
 
 def preprompt_for(preprompts: dict, kind: str, prompt, index: int) -> str:
@@ -209,13 +224,19 @@ class ContextDistillation:
                                                     "content": answer if use else original}],
                    "distilled": use, "category": p.category,
                    "original_safety": float(s_before), "distilled_safety": float(s_after)})
-    if self.inputs.replay:
-      replayed = self.replies(policy, [list(p.messages) for p in self.inputs.replay],
-                              s.max_new_tokens, s.temperature, s.batch_size)
+    for kind, replay in (("helpful", self.inputs.replay),
+                         ("lookalike", self.inputs.lookalike_replay)):
+      if not replay:
+        continue
+      replayed = self.replies(policy, [list(p.messages) for p in replay], s.max_new_tokens,
+                              s.temperature, s.batch_size)
+      kept = [(p, t) for p, t in zip(replay, replayed)
+              if t and not (kind == "lookalike" and world_safety.is_refusal(t))]
       rows += [{"messages": list(p.messages) + [{"role": "assistant", "content": t}],
-                "distilled": False, "replay": True} for p, t in zip(self.inputs.replay, replayed)
-               if t]
-      counts["helpful_replayed"] = len(rows) - len(prompts)
+                "distilled": False, "replay": kind} for p, t in kept]
+      counts[f"{kind}_replayed"] = len(kept)
+      if kind == "lookalike":
+        counts["lookalike_refusals_dropped"] = sum(map(world_safety.is_refusal, replayed))
     for name, texts in (("original", originals), ("preprompted", distilled)):
       gold = rlhf_evals.gold_metrics(prompts, texts)
       counts[f"{name}_gold_safe_rate"] = gold["gold_safe_rate"]
