@@ -1,4 +1,6 @@
-"""Llama 2-Chat, stage by stage: tokenizer -> pretrain -> SFT -> GAtt (reward models and RLHF follow).
+"""Llama 2-Chat, stage by stage: tokenizer -> pretrain -> SFT -> reward models -> rejection
+sampling V1-V3 -> GAtt -> (V4 ->) PPO -> safety context distillation -> every chat model side by
+side.
 
   lm run experiments/llama2_chat.py:tiny --workdir=/tmp/chat      # the embedded default, CPU
   lm aot experiments/llama2_chat.py:70b --topology=v5p-512 --stage=gatt   # train step, sampling
