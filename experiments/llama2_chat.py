@@ -127,9 +127,10 @@ POOL_FROM = {"tiny": 3, "test": 2}
 GATT_AFTER = {"test": "sft"}
 
 
-def rs_stage(preset: str, version: int, previous: str) -> ml_collections.ConfigDict:
-  """RLHF-V`version` by rejection sampling: samples from `previous`, the latest chat model (the
-  previous version, or SFT or GAtt), ranked by the safety-gated reward of the RMs."""
+def rs_stage(preset: str, version: int, previous: str = "") -> ml_collections.ConfigDict:
+  """RLHF-V`version` by rejection sampling: samples from `previous`, the latest chat model (by
+  default the previous version, SFT for V1), ranked by the safety-gated reward of the RMs."""
+  previous = previous or ("sft" if version == 1 else f"rs_v{version - 1}")
   pool_from = POOL_FROM.get(preset, 3)
   pool = tuple(f"rs_v{v}" for v in range(1, version)) if version >= pool_from else ()
   if preset in common.PAPER_SIZES:

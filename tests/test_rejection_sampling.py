@@ -111,7 +111,7 @@ def write_samples(tk, path, answers_per_prompt):
 
 def make_stage(tk, tmp_path, table, pool=()):
   prompts = [Prompt(f"p:{i}", ({"role": "user", "content": p},)) for i, p in enumerate(PROMPTS)]
-  cfg = typed_config(llama2_chat.rs_stage("test", 1), "stages.rs_v2")
+  cfg = typed_config(llama2_chat.rs_stage("test", 1, "gatt"), "stages.rs_v2")
   ctx = common.StageContext("rs_v2", str(tmp_path / "rs_v2"), {}, sharding.MeshConfig(), 0)
   (tmp_path / "rs_v2").mkdir(exist_ok=True)
   inputs = rs.Inputs(None, "", tk.path, tk, prompts, prompts, [],
@@ -231,7 +231,7 @@ def stage_dirs(tk, tmp_path):
   outputs = {"world": str(tmp_path / "world"), "gatt": str(model_dir),
              "tokenizer": str(model_dir)}
   ctx = common.StageContext("rs_v1", str(tmp_path / "rs_v1"), outputs, sharding.MeshConfig(), 0)
-  return typed_config(llama2_chat.rs_stage("test", 1), "stages.rs_v1"), ctx
+  return typed_config(llama2_chat.rs_stage("test", 1, "gatt"), "stages.rs_v1"), ctx
 
 
 def test_valid_inputs_pass_validation(stage_dirs):
