@@ -26,7 +26,8 @@ from lm import checkpoints, roles, sharding
 from lm.evals import tradeoff
 from lm.stages import kit
 from lm.stages.best_of_k import Ranker, held_out_eval
-from lm.stages.rejection_sampling import Eval, Reward, lookalike_prompts, prompt_file
+from lm.stages.prompt_sources import lookalike_prompts, prompt_file
+from lm.stages.rejection_sampling import Eval, Reward
 from lm.tokenizer import Tokenizer
 
 
@@ -103,6 +104,12 @@ def evaluate_model(cfg: Config, ctx, inputs: Inputs, ranker: Ranker, model_dir: 
                        inputs.lookalikes)
 
 
+def summary(results: dict[str, dict]) -> dict:
+  """{label: figures} -> the stage's metrics, {"<label>/<figure>": value} of the table's rows."""
+  return {f"{label}/{key}": value for label, figures in results.items()
+          for key, value in figures.items() if key in tradeoff.SUMMARY_KEYS}
+
+
 def run(cfg: Config, ctx, log=print) -> dict:
   inputs = validate(cfg, ctx)
   ranker = Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
@@ -123,8 +130,7 @@ def run(cfg: Config, ctx, log=print) -> dict:
         f"{results[label]['rm_helpful_on_helpful']:.3f} | {results[label]['eval_seconds']:.0f}s")
   checkpoints.write_atomically(os.path.join(ctx.directory, "report.md"), tradeoff.report(
       ctx.name, ctx.directory, results, list(cfg.x), cfg.x_label))
-  return {f"{label}/{key}": value for label, figures in results.items()
-          for key, value in figures.items() if key in tradeoff.SUMMARY_KEYS}
+  return summary(results)
 
 
 def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
@@ -134,6 +140,5 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   ranker = Ranker.load(cfg.reward, ctx, cfg.plan, inputs.tokenizer)
   if os.path.exists(os.path.join(model_dir, checkpoints.MODEL_FILE)):
     return evaluate_model(cfg, ctx, inputs, ranker, model_dir, "eval")
-  return {f"{label}/{key}": value for label, directory in inputs.models
-          for key, value in evaluate_model(cfg, ctx, inputs, ranker, directory, label).items()
-          if key in tradeoff.SUMMARY_KEYS}
+  return summary({label: evaluate_model(cfg, ctx, inputs, ranker, directory, label)
+                  for label, directory in inputs.models})

@@ -33,7 +33,8 @@ from lm import checkpoints, optim, roles, rollout, sampling, sharding, trainer
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, self_distill
 from lm.stages.best_of_k import Ranker, held_out_eval
-from lm.stages.rejection_sampling import Eval, Reward, lookalike_prompts, prompt_file
+from lm.stages.prompt_sources import lookalike_prompts, prompt_file
+from lm.stages.rejection_sampling import Eval, Reward
 from lm.tokenizer import Tokenizer
 
 DATA_FILE = "cd_data.jsonl"
@@ -230,13 +231,13 @@ class ContextDistillation:
         continue
       replayed = self.replies(policy, [list(p.messages) for p in replay], s.max_new_tokens,
                               s.temperature, s.batch_size)
-      kept = [(p, t) for p, t in zip(replay, replayed)
-              if t and not (kind == "lookalike" and world_safety.is_refusal(t))]
+      refused = [kind == "lookalike" and world_safety.is_refusal(t) for t in replayed]
+      kept = [(p, t) for p, t, r in zip(replay, replayed, refused) if t and not r]
       rows += [{"messages": list(p.messages) + [{"role": "assistant", "content": t}],
                 "distilled": False, "replay": kind} for p, t in kept]
       counts[f"{kind}_replayed"] = len(kept)
       if kind == "lookalike":
-        counts["lookalike_refusals_dropped"] = sum(map(world_safety.is_refusal, replayed))
+        counts["lookalike_refusals_dropped"] = sum(refused)
     for name, texts in (("original", originals), ("preprompted", distilled)):
       gold = rlhf_evals.gold_metrics(prompts, texts)
       counts[f"{name}_gold_safe_rate"] = gold["gold_safe_rate"]

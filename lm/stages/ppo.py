@@ -27,7 +27,6 @@ movement are timed apart.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -39,7 +38,8 @@ from lm import checkpoints, configs, optim, roles, rollout, sharding, trainer
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, ppo_models, self_distill
 from lm.stages import ppo_experience as experience
-from lm.stages.rejection_sampling import Reward, lookalike_prompts, prompt_file
+from lm.stages.prompt_sources import lookalike_prompts, prompt_file
+from lm.stages.rejection_sampling import Reward
 
 STATE_DIR = "state"
 VALUE_DIR = "value"
@@ -185,21 +185,9 @@ def validate(cfg: Config, ctx) -> Inputs:
     raise ValueError(f"{where}.data.safety_share={share} needs both safety and helpful prompts; "
                      f"the source has {sum(p.is_safety for p in prompts)} safety prompts of "
                      f"{len(prompts)}")
-  stats = None
-  if cfg.ppo.whiten_rewards == "rm":
-    stats = {}
-    for track, reference in (("helpful", cfg.reward.helpful), ("safety", cfg.reward.safety)):
-      if not reference:
-        continue
-      path = os.path.join(ctx.output_of(reference), "reward.json")
-      if not os.path.exists(path):
-        raise ValueError(f"{where}.ppo.whiten_rewards='rm' needs {path} (written by the reward "
-                         f"stage); use 'batch' for a reward model without it")
-      saved = json.load(open(path))
-      stats[track] = (saved["score_mean"], saved["score_std"])
   return Inputs(model_cfg, init_dir, reference_dir, value_dir, tokenizer_path, tokenizer,
-                prompts, encoded,
-                eval_prompts, lookalike_prompts(cfg, ctx, bad), too_long, stats)
+                prompts, encoded, eval_prompts, lookalike_prompts(cfg, ctx, bad), too_long,
+                ppo_models.rm_whitening_stats(cfg, ctx, where))
 
 
 class Progress:

@@ -7,6 +7,7 @@ reference, value and reward models, and the held-out evaluation; the trainer ove
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -100,6 +101,24 @@ def load_frozen(cfg, ctx, inputs) -> tuple[roles.Role, Ranker]:
   reference = roles.load("reference", inputs.reference_dir, ctx.mesh(), head="lm", plan=plan,
                          dtype=cfg.reference_dtype or None)
   return reference, Ranker.load(cfg.reward, ctx, plan, inputs.tokenizer)
+
+
+def rm_whitening_stats(cfg, ctx, where: str) -> dict | None:
+  """{"helpful": (mean, std), "safety": ...} each RM saved (DIR/reward.json) for
+  whiten_rewards="rm"; None for the other whitenings."""
+  if cfg.ppo.whiten_rewards != "rm":
+    return None
+  stats = {}
+  for track, reference in (("helpful", cfg.reward.helpful), ("safety", cfg.reward.safety)):
+    if not reference:
+      continue
+    path = os.path.join(ctx.output_of(reference), "reward.json")
+    if not os.path.exists(path):
+      raise ValueError(f"{where}.ppo.whiten_rewards='rm' needs {path} (written by the reward "
+                       f"stage); use 'batch' for a reward model without it")
+    saved = json.load(open(path))
+    stats[track] = (saved["score_mean"], saved["score_std"])
+  return stats
 
 
 def answer_rows(samples: rollout.Samples, seq_len: int | None = None) -> dict[str, np.ndarray]:

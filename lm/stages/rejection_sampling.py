@@ -43,6 +43,7 @@ from lm import (best_of_n, checkpoints, configs, hardware, model, optim, roles, 
 from lm.evals import rlhf as rlhf_evals
 from lm.stages import kit, self_distill
 from lm.stages.best_of_k import Ranker, answer_text, chunked_samples, held_out_eval, sample
+from lm.stages.prompt_sources import lookalike_prompts, prompt_file
 from lm.tokenizer import Tokenizer
 
 DATA_FILE = "rs_data.jsonl"
@@ -117,32 +118,6 @@ class Config:
   z_loss: float = 0.0
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
-
-
-def prompt_file(cfg: Config, ctx, split: str) -> str:
-  explicit = cfg.data.source if split == "train" else cfg.data.eval_source
-  if cfg.data.source in ctx.outputs and not (split == "eval" and explicit):
-    return os.path.join(ctx.outputs[cfg.data.source], "prompts", f"{split}.jsonl")
-  if not explicit:
-    raise ValueError(f"stages.{ctx.name}.data.{'source' if split == 'train' else 'eval_source'} "
-                     f"is empty: give prompt JSONL or a stage that wrote prompts/")
-  return explicit
-
-
-def lookalike_prompts(cfg, ctx, bad) -> list:
-  """The look-alike prompts of `cfg.eval.lookalikes` (see `Eval`), [] for none."""
-  given = cfg.eval.lookalikes
-  if given == "none":
-    return []
-  if not given:
-    if cfg.data.source not in ctx.outputs:
-      return []
-    given = os.path.join(ctx.outputs[cfg.data.source], "prompts", "lookalikes.jsonl")
-    if not os.path.exists(given):
-      return []
-  elif not os.path.exists(given):
-    raise ValueError(f"stages.{ctx.name}.eval.lookalikes: {given} does not exist")
-  return preferences.read_prompts(given, bad)
 
 
 def _samples_path(reference: str, ctx, field: str) -> str:
