@@ -251,6 +251,10 @@ def test_bad_input_fails_before_any_model_is_loaded(world, tmp_path):
     ppo.validate(dataclasses.replace(cfg, value_from="rm_nope"), ctx)
   with pytest.raises(ValueError, match="'ref_nope' is neither an earlier stage"):
     ppo.validate(dataclasses.replace(cfg, reference_from="ref_nope"), ctx)
+  with pytest.raises(ValueError, match=r"whiten_rewards='rm' needs .*rs_v1/reward.json"):
+    ppo.validate(dataclasses.replace(
+        cfg, reward=dataclasses.replace(cfg.reward, helpful="rs_v1"),
+        ppo=dataclasses.replace(cfg.ppo, whiten_rewards="rm")), ctx)
 
 
 def test_the_best_evaluation_is_the_stages_model_and_patience_stops_the_run(tmp_path):
