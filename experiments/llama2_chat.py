@@ -23,8 +23,8 @@ import dataclasses
 import ml_collections
 
 from experiments import common, pretrain
-from lm.stages import (chat_eval, context_distillation, gatt, ppo, ppo_experience,
-                       rejection_sampling, reward, sft)
+from lm.stages import (chat_eval, collect_preferences, context_distillation, gatt, ppo,
+                       ppo_experience, rejection_sampling, reward, sft)
 
 PRESETS = ("tiny", "test") + common.PAPER_SIZES
 SFT_EXAMPLES = 27_540  # the paper's vendor-annotated SFT set
@@ -83,11 +83,12 @@ def gatt_stage(preset: str) -> ml_collections.ConfigDict:
   return common.section(cfg)
 
 
-def reward_stage(preset: str, track: str) -> ml_collections.ConfigDict:
+def reward_stage(preset: str, track: str, on_policy: tuple = ()) -> ml_collections.ConfigDict:
   """The helpfulness or safety RM (LLAMA2.md §6): from the SFT model, the paper's mixes (§6.4),
-  Table 27's small margins, the safety RM with its auxiliary safe/unsafe term [U]."""
+  Table 27's small margins, the safety RM with its auxiliary safe/unsafe term [U]; `on_policy`
+  adds the pairs of those collect_preferences stages."""
   safety = track == "safety"
-  data = dict(track=track, other_share=0.1 if safety else 0.5)
+  data = dict(track=track, other_share=0.1 if safety else 0.5, on_policy=on_policy)
   if preset in common.PAPER_SIZES:
     cfg = reward.Config(
         data=reward.Data(source="", seq_len=4096, pairs_per_row=1, eval_batches=4, **data),
@@ -119,6 +120,25 @@ def reward_stage(preset: str, track: str) -> ml_collections.ConfigDict:
   return common.section(cfg)
 
 
+def collect_stage(preset: str, model: str) -> ml_collections.ConfigDict:
+  """Pairs of `model`'s own answers to the RLHF prompts, rated by the world's annotator, for the
+  RMs retrained before the next RLHF version (LLAMA2.md §6.1); the RMs in use are judged on
+  them."""
+  if preset in common.PAPER_SIZES:
+    raise ValueError("the paper presets' new preference batches are people's ratings: give "
+                     "them to the reward stages as pair JSONL")
+  cfg = collect_preferences.Config(
+      init_from=model,
+      sampling=collect_preferences.Sampling(samples_per_prompt=8, temperature=1.0,
+                                            max_new_tokens=48, batch_size=128),
+      judges=rejection_sampling.Reward(seq_len=384, batch_size=16))
+  return common.section(cfg)
+
+
+# RLHF versions before which the RMs are retrained on pairs of the latest model's answers as well
+# (LLAMA2.md §6.1: the paper retrained them for every version on the batches collected so far).
+# The world's annotator rates the pairs, so only the synthetic presets can do it on their own.
+RM_RETRAIN = {"tiny": (2, 3)}
 # RLHF versions by rejection sampling; from POOL_FROM on, a version's candidates include every
 # earlier version's samples (LLAMA2.md §7.2 item 5: from RLHF-V3 on in the paper).
 RS_VERSIONS = {"tiny": 3, "test": 1}
@@ -293,19 +313,40 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # GAtt after `GATT_AFTER` (the paper: after V3), then PPO.
   chain = ["sft"] + [f"rs_v{v}" for v in range(1, versions + 1)]
   chain.insert(chain.index(GATT_AFTER.get(preset, f"rs_v{min(3, versions)}")) + 1, "gatt")
+  # The RMs start from SFT (LLAMA2.md §6) and rank from the first RS version on.
+  pipeline = list(c.pipeline) + chain[:chain.index("rs_v1")] + ["rm_helpful", "rm_safety"]
+  rms, collected = ("rm_helpful", "rm_safety"), ()
   for previous, stage in zip(chain, chain[1:]):
     if stage == "gatt":
       c.stages.gatt.init_from = previous
-    else:
-      c.stages[stage] = rs_stage(preset, int(stage.removeprefix("rs_v")), previous)
-  c.stages.ppo = ppo_stage(preset, chain[-1])
-  # The RMs start from SFT (LLAMA2.md §6) and rank from the first RS version on.
-  first_rs = chain.index("rs_v1")
-  c.pipeline = tuple(c.pipeline) + tuple(chain[:first_rs]) + ("rm_helpful", "rm_safety") + tuple(
-      chain[first_rs:]) + ("ppo",)
+      if stage not in pipeline:  # GAtt before the first RS version is already in
+        pipeline.append(stage)
+      continue
+    version = int(stage.removeprefix("rs_v"))
+    if version in RM_RETRAIN.get(preset, ()):
+      collected += (f"prefs_v{version}",)
+      c.stages[collected[-1]] = _judged_by(collect_stage(preset, previous), rms, "judges")
+      rms = (f"rm_helpful_v{version}", f"rm_safety_v{version}")
+      for track, name in zip(("helpful", "safety"), rms):
+        c.stages[name] = reward_stage(preset, track, collected)
+      pipeline += [collected[-1], *rms]
+    c.stages[stage] = _judged_by(rs_stage(preset, version, previous), rms)
+    pipeline.append(stage)
+  c.stages.ppo = _judged_by(ppo_stage(preset, chain[-1]), rms)
+  c.stages.ppo.value_from = rms[0]
+  pipeline.append("ppo")
   if preset != "test":
     # The test preset's chat model never refuses, even with a preprompt: nothing to distil.
-    c.stages.safety_cd = cd_stage(preset)
-    c.stages.chat_eval = chat_eval_stage(preset, tuple(chain) + ("ppo", "safety_cd"))
-    c.pipeline = c.pipeline + ("safety_cd", "chat_eval")
+    c.stages.safety_cd = _judged_by(cd_stage(preset), rms)
+    c.stages.chat_eval = _judged_by(
+        chat_eval_stage(preset, tuple(chain) + ("ppo", "safety_cd")), rms)
+    pipeline += ["safety_cd", "chat_eval"]
+  c.pipeline = tuple(pipeline)
   return c
+
+
+def _judged_by(section: ml_collections.ConfigDict, rms: tuple, field: str = "reward"
+               ) -> ml_collections.ConfigDict:
+  """`section` with its RMs (helpful, safety) set to the stages `rms` names."""
+  section[field].helpful, section[field].safety = rms
+  return section

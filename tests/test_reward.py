@@ -177,7 +177,8 @@ def stage(tmp_path):
 def test_valid_inputs_mix_and_name_both_test_sets(stage):
   cfg, ctx, _ = stage
   inputs = reward.validate(cfg, ctx)
-  assert inputs.counts == {"train_pairs": 9, "own_pairs": 8, "other_pairs": 1}
+  assert inputs.counts == {"train_pairs": 9, "own_pairs": 8, "other_pairs": 1,
+                           "on_policy_pairs": 0}
   assert list(inputs.evals) == ["safety", "helpful"]
 
 

@@ -19,7 +19,7 @@ import importlib
 from lm import config_utils
 
 KINDS = ("world", "tokenizer", "pretrain", "sft", "gatt", "reward", "rejection_sampling", "ppo",
-         "context_distillation", "chat_eval")
+         "context_distillation", "chat_eval", "collect_preferences")
 
 
 def stage_module(kind: str):

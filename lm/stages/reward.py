@@ -45,13 +45,18 @@ class Data(kit.DataConfig):
   world), or pair JSONL (then `eval_source`, `other_source`, `other_eval_source` are paths too).
   `track`: whose pairs are this RM's own. `other_share`: the mixed-in pairs' share of the
   training set. `pairs_per_row`: 0 packs as many pairs as fit a row; 1 gives each pair its own
-  row (the paper's batches count pairs: 512 pairs, 1024 sequences)."""
+  row (the paper's batches count pairs: 512 pairs, 1024 sequences). `on_policy`: stages (or
+  their directories) that collected pairs of a chat model's own answers (kind
+  "collect_preferences"; LLAMA2.md §6.1: new batches from the latest model keep the RM on its
+  distribution); their own-track training pairs join this RM's own, and their held-out pairs are
+  a test set of their own (metrics prefixed "<stage>_test_")."""
 
   track: str = "helpful"
   other_source: str = ""
   other_eval_source: str = ""
   other_share: float = 0.5
   pairs_per_row: int = 0
+  on_policy: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,19 @@ def _paths(cfg: Config, ctx) -> dict[str, str]:
   return paths
 
 
+def _on_policy_paths(cfg: Config, ctx) -> dict[str, tuple[str, str]]:
+  """stage -> (train, eval) pair files of the RM's track under its preferences/."""
+  paths = {}
+  for stage in cfg.data.on_policy:
+    base = os.path.join(ctx.output_of(stage), "preferences", cfg.data.track)
+    train, held_out = os.path.join(base, "train.jsonl"), os.path.join(base, "eval.jsonl")
+    if not os.path.exists(train):
+      raise ValueError(f"stages.{ctx.name}.data.on_policy: {stage!r} has no {train} (not a "
+                       f"collect_preferences stage, or it has not finished)")
+    paths[stage] = (train, held_out if os.path.exists(held_out) else "")
+  return paths
+
+
 def _read(path: str, bad: text.BadRows, needs_labels: bool) -> list:
   pairs = preferences.read_pairs(path, bad) if path else []
   if needs_labels:
@@ -139,7 +157,7 @@ def validate(cfg: Config, ctx) -> Inputs:
   if cfg.margins not in losses.RATING_MARGINS:
     raise ValueError(f"{where}.margins must be one of {sorted(losses.RATING_MARGINS)}, got "
                      f"{cfg.margins!r}")
-  paths = _paths(cfg, ctx)
+  paths, on_policy = _paths(cfg, ctx), _on_policy_paths(cfg, ctx)
   model_cfg, init_dir, tokenizer_path = kit.chat_start(cfg, ctx, "a chat (SFT or RLHF) model")
   tokenizer = Tokenizer(tokenizer_path)
   bad = text.BadRows(cfg.data.skip_bad_rows)
@@ -149,6 +167,11 @@ def validate(cfg: Config, ctx) -> Inputs:
     return preferences.encode_pairs(pairs, tokenizer.encode_dialog, cfg.data.seq_len, bad)
 
   own = encode(_read(paths["train"], bad, labels))
+  on_policy_train, on_policy_evals = [], {}
+  for stage, (train_path, eval_path) in on_policy.items():
+    on_policy_train += encode(_read(train_path, bad, labels))
+    on_policy_evals[os.path.basename(stage.rstrip("/"))] = encode(_read(eval_path, bad, False))
+  own += on_policy_train
   other = encode(_read(paths["other_train"], bad, False))
   train = mix(own, other, cfg.data.other_share, ctx.seed)
   if not train:
@@ -161,8 +184,9 @@ def validate(cfg: Config, ctx) -> Inputs:
     evals[other_track] = encode(_read(paths["other_eval"], bad, False))
   if not evals[own_track]:
     raise ValueError(f"{where}: no valid evaluation pairs in {paths['eval']}")
+  evals.update({name: pairs for name, pairs in on_policy_evals.items() if pairs})
   counts = {"train_pairs": len(train), "own_pairs": len(own),
-            "other_pairs": len(train) - len(own)}
+            "other_pairs": len(train) - len(own), "on_policy_pairs": len(on_policy_train)}
   return Inputs(model_cfg, init_dir, tokenizer_path, tokenizer, train, evals, counts, bad)
 
 
@@ -212,11 +236,12 @@ def build_trainer(cfg: Config, model_cfg, mesh, where: str) -> trainer.Trainer:
                            loss=loss_fn(graphdef, cfg.safety_loss_weight))
 
 
-def evaluate_pairs(role: roles.Role, encoded: list, cfg: Config) -> tuple[dict, dict]:
+def evaluate_pairs(role: roles.Role, encoded: list, seq_len: int, batch_size: int
+                   ) -> tuple[dict, dict]:
   """(metrics, raw scores {"chosen", "rejected", "ratings"}) of a scalar role on encoded pairs,
-  through the shared scoring path."""
+  through the shared scoring path: rows of `seq_len`, `batch_size` rows a call."""
   sequences = [s for pair in encoded for s in (pair.chosen, pair.rejected)]
-  scores = scoring.score_sequences(role, sequences, cfg.data.seq_len, cfg.eval_batch_size)
+  scores = scoring.score_sequences(role, sequences, seq_len, batch_size)
   label = lambda safe: -1 if safe is None else int(safe)  # noqa: E731
   raw = {"chosen": scores[0::2], "rejected": scores[1::2],
          "ratings": [p.pair.rating for p in encoded]}
@@ -238,7 +263,8 @@ def _evaluation(cfg: Config, inputs: Inputs, role: roles.Role, last: dict):
     last.clear()
     result = {}
     for i, name in enumerate(names):
-      metrics, raw = evaluate_pairs(scored, inputs.evals[name], cfg)
+      metrics, raw = evaluate_pairs(scored, inputs.evals[name], cfg.data.seq_len,
+                                    cfg.eval_batch_size)
       last[name] = (metrics, raw)
       prefix = "" if i == 0 else f"{name}_test_"
       result.update({f"{prefix}{k}": v for k, v in metrics.items()})
