@@ -55,19 +55,29 @@ def ours(preset: str, batch: int, seq: int, steps: int) -> dict:
           "gflops_per_second": batch * seq * flops / seconds / 1e9}
 
 
-def hf(preset: str, batch: int, seq: int, steps: int, compile_model: bool) -> dict:
-  import torch
+def hf_model(preset: str, max_positions: int):
+  """A randomly initialised transformers LlamaForCausalLM of our preset's shape (fp32, SDPA)."""
   import transformers
 
   from lm import configs
 
   cfg = configs.get_preset(preset)
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.norm_eps, max_position_embeddings=seq,
-      tie_word_embeddings=False, attn_implementation="sdpa"))
+      num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+      max_position_embeddings=max_positions, tie_word_embeddings=False,
+      attn_implementation="sdpa"))
+
+
+def hf(preset: str, batch: int, seq: int, steps: int, compile_model: bool) -> dict:
+  import torch
+
+  from lm import configs
+
+  cfg = configs.get_preset(preset)
+  torch.manual_seed(0)
+  model = hf_model(preset, seq)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5,
                           weight_decay=0.1)
   forward = torch.compile(model) if compile_model else model
@@ -90,6 +100,22 @@ def hf(preset: str, batch: int, seq: int, steps: int, compile_model: bool) -> di
   return {"system": name, "tokens_per_second": batch * seq / seconds}
 
 
+def allocator() -> str:
+  """The allocator every system runs under: LD_PRELOAD, which subprocesses inherit unchanged."""
+  return os.environ.get("LD_PRELOAD") or "system malloc (no LD_PRELOAD)"
+
+
+def run_system(cmd: list[str], name: str) -> dict | None:
+  """Runs one system's subprocess (same environment) and returns its RESULT line, or None after
+  printing the tail of its stderr."""
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  line = [l for l in out.stdout.splitlines() if l.startswith(RESULT)]
+  if not line:
+    print(f"{name}: failed\n{out.stderr[-1500:]}")
+    return None
+  return json.loads(line[0][len(RESULT):])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="bench-50M")
@@ -104,20 +130,16 @@ def main():
     result = ours(*shape) if args.system == "ours" else hf(*shape, args.system == "hf-compile")
     print(RESULT + json.dumps(result))
     return
-  allocator = os.environ.get("LD_PRELOAD") or "system malloc (no LD_PRELOAD)"
   print(f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, AdamW; allocator: "
-        f"{allocator}; {os.cpu_count()} CPUs")
+        f"{allocator()}; {os.cpu_count()} CPUs")
   systems = ["ours", "hf"] + ([] if args.skip_compile else ["hf-compile"])
   results = []
   for system in systems:
     cmd = [sys.executable, __file__, f"--system={system}", f"--preset={args.preset}",
            f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    line = [l for l in out.stdout.splitlines() if l.startswith(RESULT)]
-    if not line:
-      print(f"{system}: failed\n{out.stderr[-1500:]}")
-      continue
-    results.append(json.loads(line[0][len(RESULT):]))
+    result = run_system(cmd, system)
+    if result:
+      results.append(result)
   base = next((r["tokens_per_second"] for r in results if r["system"].startswith("ours")), None)
   for r in results:
     ratio = f"{r['tokens_per_second'] / base:.2f}x ours" if base else ""

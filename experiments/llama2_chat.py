@@ -88,7 +88,11 @@ def reward_stage(preset: str, track: str, on_policy: tuple = ()) -> ml_collectio
   Table 27's small margins, the safety RM with its auxiliary safe/unsafe term [U]; `on_policy`
   adds the pairs of those collect_preferences stages."""
   safety = track == "safety"
-  data = dict(track=track, other_share=0.1 if safety else 0.5, on_policy=on_policy)
+  # The on-policy pairs count five times against the world's (tiny, RS V1's answers: 171
+  # helpfulness pairs beside 3,000; once, the retrained helpfulness RM ranked the held-out
+  # on-policy pairs no better than the old one).
+  data = dict(track=track, other_share=0.1 if safety else 0.5, on_policy=on_policy,
+              on_policy_repeat=5 if on_policy else 1)
   if preset in common.PAPER_SIZES:
     cfg = reward.Config(
         data=reward.Data(source="", seq_len=4096, pairs_per_row=1, eval_batches=4, **data),
@@ -129,6 +133,10 @@ def collect_stage(preset: str, model: str) -> ml_collections.ConfigDict:
                      "them to the reward stages as pair JSONL")
   cfg = collect_preferences.Config(
       init_from=model,
+      # Held-out pairs about the training people, whom RS ranks answers about: the world's eval
+      # prompts ask about people only pretraining describes, where a million-parameter RM
+      # cannot tell a right value from a wrong one whatever it is trained on.
+      data=collect_preferences.Data(eval_fraction=0.2),
       sampling=collect_preferences.Sampling(samples_per_prompt=8, temperature=1.0,
                                             max_new_tokens=48, batch_size=128),
       judges=rejection_sampling.Reward(seq_len=384, batch_size=16))

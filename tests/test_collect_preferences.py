@@ -203,3 +203,18 @@ def test_bad_input_names_the_field(world, tmp_path):
   with pytest.raises(ValueError, match=r"data.on_policy: 'rs_v1' has no .*preferences/helpful"):
     reward.validate(cfg, common.StageContext("rm", str(tmp_path / "rm"),
                                              dict(outputs, sft=outputs["rs_v1"]), MESH, 0))
+
+
+def test_a_held_out_fraction_of_the_training_prompts_replaces_the_eval_source(world, tmp_path):
+  outputs, _ = world
+  ctx = common.StageContext("prefs_v2", str(tmp_path / "p"), dict(outputs), MESH, 0)
+  cfg = stage_config()
+  inputs = collect_preferences.validate(
+      dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.3)), ctx)
+  # 7 prompts: the last 2 (round(2.1)) are held out, never trained on.
+  texts = [p.messages[-1]["content"] for p in inputs.prompts["train"] + inputs.prompts["eval"]]
+  assert texts == [r["prompt"] for r in HELPFUL + ADVERSARIAL]
+  assert len(inputs.prompts["eval"]) == 2
+  with pytest.raises(ValueError, match=r"data.eval_fraction must be in \[0, 1\)"):
+    collect_preferences.validate(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=1.0)), ctx)

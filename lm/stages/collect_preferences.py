@@ -49,12 +49,15 @@ class Data:
   """Prompts ({"prompt" or "messages", "is_safety", "category", "answer"}): `source` a stage that
   wrote prompts/{train,eval}.jsonl (the world) or JSONL, `eval_source` the held-out prompts
   (default the source's prompts/eval.jsonl); `max_prompts` / `max_eval_prompts` > 0 keep the
-  first that many."""
+  first that many. `eval_fraction` > 0 holds out the last fraction of the training prompts
+  instead (pairs about what the RMs are trained on and RS ranks, but never trained on), and
+  `eval_source` is not read."""
 
   source: str = "world"
   eval_source: str = ""
   max_prompts: int = 0
   max_eval_prompts: int = 0
+  eval_fraction: float = 0.0
   skip_bad_rows: bool = False
 
 
@@ -101,9 +104,17 @@ def validate(cfg: Config, ctx) -> Inputs:
                      f"answers) and chunk_prompts >= 1")
   _, init_dir, tokenizer_path = kit.chat_start(cfg, ctx, "a chat (SFT or RLHF) model")
   bad = text.BadRows(cfg.data.skip_bad_rows)
-  limits = {"train": cfg.data.max_prompts, "eval": cfg.data.max_eval_prompts}
-  prompts = {split: preferences.read_prompts(prompt_file(cfg, ctx, split), bad)[
-      :limits[split] or None] for split in SPLITS}
+  if not 0.0 <= cfg.data.eval_fraction < 1.0:
+    raise ValueError(f"{where}.data.eval_fraction must be in [0, 1), got "
+                     f"{cfg.data.eval_fraction}")
+  train = preferences.read_prompts(prompt_file(cfg, ctx, "train"), bad)[
+      :cfg.data.max_prompts or None]
+  if cfg.data.eval_fraction:
+    held_out = max(1, round(len(train) * cfg.data.eval_fraction))
+    prompts = {"train": train[:-held_out], "eval": train[-held_out:]}
+  else:
+    prompts = {"train": train, "eval": preferences.read_prompts(
+        prompt_file(cfg, ctx, "eval"), bad)[:cfg.data.max_eval_prompts or None]}
   for split, rows in prompts.items():
     gradable = [p for p in rows if p.is_safety or p.answer]
     if not gradable:

@@ -49,7 +49,8 @@ class Data(kit.DataConfig):
   their directories) that collected pairs of a chat model's own answers (kind
   "collect_preferences"; LLAMA2.md §6.1: new batches from the latest model keep the RM on its
   distribution); their own-track training pairs join this RM's own, and their held-out pairs are
-  a test set of their own (metrics prefixed "<stage>_test_")."""
+  a test set of their own (metrics prefixed "<stage>_test_"); `on_policy_repeat` times each
+  (their weight against the source's pairs [U])."""
 
   track: str = "helpful"
   other_source: str = ""
@@ -57,6 +58,7 @@ class Data(kit.DataConfig):
   other_share: float = 0.5
   pairs_per_row: int = 0
   on_policy: tuple = ()
+  on_policy_repeat: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +109,9 @@ def _paths(cfg: Config, ctx) -> dict[str, str]:
 def _on_policy_paths(cfg: Config, ctx) -> dict[str, tuple[str, str]]:
   """stage -> (train, eval) pair files of the RM's track under its preferences/."""
   paths = {}
+  if cfg.data.on_policy_repeat < 1:
+    raise ValueError(f"stages.{ctx.name}.data.on_policy_repeat must be >= 1, got "
+                     f"{cfg.data.on_policy_repeat}")
   for stage in cfg.data.on_policy:
     base = os.path.join(ctx.output_of(stage), "preferences", cfg.data.track)
     train, held_out = os.path.join(base, "train.jsonl"), os.path.join(base, "eval.jsonl")
@@ -169,7 +174,7 @@ def validate(cfg: Config, ctx) -> Inputs:
   own = encode(_read(paths["train"], bad, labels))
   on_policy_train, on_policy_evals = [], {}
   for stage, (train_path, eval_path) in on_policy.items():
-    on_policy_train += encode(_read(train_path, bad, labels))
+    on_policy_train += encode(_read(train_path, bad, labels)) * cfg.data.on_policy_repeat
     on_policy_evals[os.path.basename(stage.rstrip("/"))] = encode(_read(eval_path, bad, False))
   own += on_policy_train
   other = encode(_read(paths["other_train"], bad, False))

@@ -1,0 +1,201 @@
+"""Ours against Hugging Face transformers (PyTorch): train step, decoding, and rollout throughput.
+
+  python benchmarks/compare.py [--quick] [--skip-train] [--steps=N] [--rounds=N]
+
+Each measurement runs in its own subprocess with the same environment and allocator (LD_PRELOAD
+is passed through unchanged; the allocator in use is printed), fp32 everywhere:
+
+  train    benchmarks/train_step.py's workload: bench-50M, batch 8 x 512, AdamW; tokens/s is the
+           mean over --steps steps after warm-up (that script's own measurement).
+  decode   bench-50M with the same random-weight shape on both sides, batch 8, a 64-token prompt,
+           128 new tokens, greedy: `lm.sampling.generate` against transformers' `generate` with
+           its KV cache. New tokens/s counts the whole call (prefill included); time to first
+           token is a call for one new token (the prefill and the first pick).
+  rollout  `lm.rollout.generate` on the tiny preset at GAtt's batch shape: 128 prompts of 90-110
+           tokens, 48 new tokens, temperature 1.0 (top-p left at its default 0.9).
+
+Decode and rollout are warmed up (compiled) first, then timed over --rounds rounds; the best
+round is reported. The last four lines are the ratios and the rollout rate, one `name: X` each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+from train_step import RESULT, allocator, hf, hf_model, ours, run_system
+
+TRAIN = {"preset": "bench-50M", "batch": 8, "seq": 512}
+DECODE = {"preset": "bench-50M", "batch": 8, "prompt": 64, "new_tokens": 128}
+ROLLOUT = {"preset": "tiny", "batch": 128, "prompt": (90, 110), "new_tokens": 48}
+
+
+def timed(fn, rounds: int) -> dict:
+  """One warm-up call, then `rounds` timed calls: best and median seconds."""
+  fn()
+  seconds = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    fn()
+    seconds.append(time.perf_counter() - start)
+  return {"best": min(seconds), "median": statistics.median(seconds)}
+
+
+def _single_device_mesh():
+  import jax
+
+  from lm import sharding
+
+  return sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
+
+
+def decode_ours(rounds: int) -> dict:
+  import jax
+  import numpy as np
+
+  from lm import configs, model, sampling
+
+  batch, prompt, new = DECODE["batch"], DECODE["prompt"], DECODE["new_tokens"]
+  cfg = configs.get_preset(DECODE["preset"], compute_dtype="float32")
+  graphdef, params = model.create(cfg, _single_device_mesh())
+  tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt)).astype(np.int32)
+  segment_ids = np.ones_like(tokens)
+  key = jax.random.key(0)
+
+  def run(steps):
+    # eos_id -1: random weights would otherwise end some rows early, and HF runs all steps.
+    sampling_cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=steps, eos_id=-1)
+    out = sampling.generate(graphdef, cfg, params, tokens, segment_ids, key, sampling_cfg)
+    return jax.block_until_ready(out)
+
+  assert run(new).tokens.shape == (batch, new)
+  return {"system": "ours (JAX)", "first_token": timed(lambda: run(1), rounds),
+          "generate": timed(lambda: run(new), rounds)}
+
+
+def decode_hf(rounds: int) -> dict:
+  import torch
+
+  from lm import configs
+
+  batch, prompt, new = DECODE["batch"], DECODE["prompt"], DECODE["new_tokens"]
+  vocab = configs.get_preset(DECODE["preset"]).vocab_size
+  torch.manual_seed(0)
+  model = hf_model(DECODE["preset"], prompt + new).eval()
+  tokens = torch.randint(3, vocab, (batch, prompt))
+  mask = torch.ones_like(tokens)
+
+  def run(steps):
+    # min_new_tokens keeps every row going to the end, as eos_id -1 does on our side.
+    with torch.inference_mode():
+      return model.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=steps,
+                            min_new_tokens=steps, do_sample=False, use_cache=True,
+                            pad_token_id=0)
+
+  assert run(new).shape == (batch, prompt + new)
+  return {"system": "transformers generate", "first_token": timed(lambda: run(1), rounds),
+          "generate": timed(lambda: run(new), rounds)}
+
+
+def rollout_ours(rounds: int) -> dict:
+  import jax
+  import numpy as np
+
+  from lm import configs, roles, rollout, sampling
+
+  cfg = configs.get_preset(ROLLOUT["preset"])
+  policy = roles.create("policy", cfg, _single_device_mesh(), plan="rollout")
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(ROLLOUT["prompt"][0], ROLLOUT["prompt"][1] + 1, ROLLOUT["batch"])
+  prompts = [[1] + rng.integers(3, cfg.vocab_size, n - 1).tolist() for n in lengths]
+  sampling_cfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=ROLLOUT["new_tokens"],
+                                         eos_id=-1)
+  generated = []
+
+  def run():
+    samples = rollout.generate(policy, prompts, sampling_cfg, jax.random.key(0),
+                               batch_size=ROLLOUT["batch"])
+    generated.append(int(samples.mask.sum()))
+
+  return {"system": "lm.rollout.generate", "generate": timed(run, rounds),
+          "new_tokens": generated[-1]}
+
+
+def run_one(system: str, steps: int, rounds: int) -> dict:
+  shape = (TRAIN["preset"], TRAIN["batch"], TRAIN["seq"], steps)
+  if system == "train-ours":
+    return ours(*shape)
+  if system in ("train-hf", "train-hf-compile"):
+    return hf(*shape, system == "train-hf-compile")
+  return {"decode-ours": decode_ours, "decode-hf": decode_hf,
+          "rollout": rollout_ours}[system](rounds)
+
+
+def ratio(ours_result: dict | None, theirs: dict | None, key: str = "tokens_per_second") -> float:
+  if not ours_result or not theirs:
+    return float("nan")
+  return ours_result[key] / theirs[key]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="2 train steps, 2 timed rounds")
+  parser.add_argument("--skip-train", action="store_true")
+  parser.add_argument("--steps", type=int, default=None, help="timed train steps (default 10)")
+  parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
+  parser.add_argument("--system", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  steps = args.steps or (2 if args.quick else 10)
+  rounds = args.rounds or (2 if args.quick else 5)
+  if steps < 2 or rounds < 2:
+    parser.error("--steps and --rounds must be at least 2")
+  if args.system:
+    print(RESULT + json.dumps(run_one(args.system, steps, rounds)))
+    return
+
+  print(f"allocator: {allocator()}; {os.cpu_count()} CPUs; fp32; decode and rollout: best of "
+        f"{rounds} rounds after warm-up; train: mean of {steps} steps after warm-up")
+  systems = ["decode-ours", "decode-hf", "rollout"]
+  if not args.skip_train:
+    systems = ["train-ours", "train-hf", "train-hf-compile"] + systems
+  results = {}
+  for system in systems:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--system={system}", f"--steps={steps}",
+           f"--rounds={rounds}"]
+    results[system] = run_system(cmd, system)
+
+  for system in ("train-ours", "train-hf", "train-hf-compile"):
+    if results.get(system):
+      r = results[system]
+      print(f"train  {r['system']:<30} {r['tokens_per_second']:>10,.0f} tokens/s")
+  decode = {}
+  for system in ("decode-ours", "decode-hf"):
+    if results.get(system):
+      r = results[system]
+      rate = DECODE["batch"] * DECODE["new_tokens"] / r["generate"]["best"]
+      decode[system] = {"tokens_per_second": rate}
+      print(f"decode {r['system']:<30} {rate:>10,.0f} new tokens/s  (median round "
+            f"{r['generate']['median']:.3f} s)")
+      print(f"prefill {r['system']}: time to first token {r['first_token']['best'] * 1e3:.1f} ms "
+            f"(batch {DECODE['batch']} x {DECODE['prompt']} tokens)")
+  rollout_rate = float("nan")
+  if results.get("rollout"):
+    r = results["rollout"]
+    rollout_rate = r["new_tokens"] / r["generate"]["best"]
+    print(f"rollout {r['system']}: {r['new_tokens']} new tokens in {r['generate']['best']:.3f} s "
+          f"(median round {r['generate']['median']:.3f} s)")
+
+  print(f"train_vs_torch_eager: {ratio(results.get('train-ours'), results.get('train-hf')):.2f}")
+  print(f"train_vs_torch_compile: "
+        f"{ratio(results.get('train-ours'), results.get('train-hf-compile')):.2f}")
+  print(f"decode_vs_hf_generate: "
+        f"{ratio(decode.get('decode-ours'), decode.get('decode-hf')):.2f}")
+  print(f"rollout_tokens_per_s: {rollout_rate:.2f}")
+
+
+if __name__ == "__main__":
+  main()
