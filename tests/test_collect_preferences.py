@@ -135,7 +135,8 @@ def stage_config(**fields):
   cfg = dataclasses.replace(cfg, judges=dataclasses.replace(cfg.judges, seq_len=256,
                                                             batch_size=8),
                             sampling=dataclasses.replace(cfg.sampling, samples_per_prompt=4,
-                                                         chunk_prompts=3))
+                                                         chunk_prompts=3),
+                            data=dataclasses.replace(cfg.data, eval_fraction=0.0))
   return dataclasses.replace(cfg, **fields)
 
 
@@ -161,6 +162,9 @@ def test_pairs_by_track_with_labels_which_the_reward_stage_trains_and_tests_on(
              for p in helpful)
   assert metrics["judge_helpful_pairs"] == 3 and metrics["judge_safety_pairs"] == 3
   assert 0.0 <= metrics["judge_safety_accuracy"] <= 1.0
+  # `lm eval` judges any scalar model on the collected pairs: the same RM, the same figures.
+  again = collect_preferences.evaluate(stage_config(), ctx, outputs["rm_safety"])
+  assert again["judge_safety_accuracy"] == metrics["judge_safety_accuracy"]
   # A rerun reads every chunk back: nothing is sampled again, the pairs are the same.
   first = (base / "helpful" / "train.jsonl").read_text()
   scripted.clear()
@@ -180,7 +184,9 @@ def test_pairs_by_track_with_labels_which_the_reward_stage_trains_and_tests_on(
   rm_ctx = common.StageContext("rm_safety_v2", str(tmp_path / "rm"),
                                dict(outputs, world=str(tmp_path / "world_prefs")), MESH, 0)
   inputs = reward.validate(cfg, rm_ctx)
-  assert inputs.counts["own_pairs"] == 1 + 3 and inputs.counts["on_policy_pairs"] == 3
+  # The tiny preset counts each collected pair five times (data.on_policy_repeat).
+  assert cfg.data.on_policy_repeat == 5
+  assert inputs.counts["own_pairs"] == 1 + 3 * 5 and inputs.counts["on_policy_pairs"] == 3 * 5
   assert list(inputs.evals) == ["safety", "helpful", "prefs_v2"] and len(
       inputs.evals["prefs_v2"]) == 3
 
