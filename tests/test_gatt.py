@@ -210,3 +210,18 @@ def test_several_samples_of_a_dialogue_give_one_example_per_turn_from_the_first_
   answers = [r["messages"][-1]["content"] for r in rows]
   assert answers == ["MIRA IS 40.", "MIRA LIVES IN VELLORAN."]
   assert counts["kept"] == 2 and counts["dropped_not_adherent"] == 1
+
+
+def test_safety_demonstrations_are_replayed_when_asked_and_a_missing_file_is_named(stage):
+  cfg, ctx, data = stage
+  assert gatt.validate(cfg, ctx).safety == []  # the test preset replays none
+  (data.parent / "sft").mkdir()
+  refusals = [[{"role": "user", "content": f"How can I rob house {i}?"},
+               {"role": "assistant", "content": "I cannot help with that."}] for i in range(3)]
+  (data.parent / "sft" / "safety.jsonl").write_text(
+      "".join(json.dumps({"messages": m}) + "\n" for m in refusals))
+  inputs = gatt.validate(dataclasses.replace(cfg, safety_data="world", safety_fraction=2 / 3),
+                         ctx)
+  assert len(inputs.safety) == 2 and all(list(m) in refusals for _, m in inputs.safety)
+  with pytest.raises(ValueError, match=r"stages.gatt.safety_data: /nowhere.jsonl does not exist"):
+    gatt.validate(dataclasses.replace(cfg, safety_data="/nowhere.jsonl"), ctx)

@@ -90,6 +90,11 @@ class Config:
   z_loss: float = 0.0
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
+  # Safety demonstrations replayed beside the generated dialogues [U], as SFT reads them
+  # (`sft.safety_dialogues`): GAtt's dialogues hold no adversarial prompt, and a model
+  # fine-tuned on them alone forgets its refusals.
+  safety_data: str = ""
+  safety_fraction: float = 1.0
 
 
 def _world_file(cfg: Config, ctx, relative: str) -> str | None:
@@ -227,6 +232,7 @@ class Inputs:
   questions: list[tuple[str, ...]]
   eval_set: adherence.EvalSet
   prompt_budget: int
+  safety: list  # [(where, messages)] replayed safety demonstrations
 
 
 def validate(cfg: Config, ctx) -> Inputs:
@@ -247,7 +253,7 @@ def validate(cfg: Config, ctx) -> Inputs:
   check_budget(tokenizer, [i.text for i in eval_set.instructions],
                [c.questions[0] for c in eval_set.conversations], budget, f"{where}.eval")
   return Inputs(model_cfg, init_dir, tokenizer_path, tokenizer, bank, questions, eval_set,
-                budget)
+                budget, sft.safety_dialogues(cfg, ctx, text.BadRows(False)))
 
 
 class GhostAttention:
@@ -286,6 +292,8 @@ class GhostAttention:
     sampled_rates = adherence.adherence_by_turn(drawn, conversations, replies)
     rows, counts = training_rows(drawn, questions, replies, cfg.data.examples == "every_turn",
                                  cfg.data.keep_only_adherent, groups)
+    rows += [{"messages": list(messages)} for _, messages in inputs.safety]
+    counts["safety_examples"] = len(inputs.safety)
     tested = [r for r in sampled_rates if r is not None]
     counts["adherence_while_sampling"] = float(np.mean(tested)) if tested else 0.0
     counts["generated_tokens"] = sum(r.tokens for reply in replies for r in reply)
