@@ -88,7 +88,7 @@ def reward_stage(preset: str, track: str, on_policy: tuple = ()) -> ml_collectio
   Table 27's small margins, the safety RM with its auxiliary safe/unsafe term [U]; `on_policy`
   adds the pairs of those collect_preferences stages."""
   safety = track == "safety"
-  # The on-policy pairs count five times against the world's (tiny, RS V1's answers: 171
+  # The on-policy pairs count five times against the world's (tiny, RS V1's answers: 211
   # helpfulness pairs beside 3,000; once, the retrained helpfulness RM ranked the held-out
   # on-policy pairs no better than the old one).
   data = dict(track=track, other_share=0.1 if safety else 0.5, on_policy=on_policy,
