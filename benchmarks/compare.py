@@ -1,6 +1,7 @@
 """Ours against Hugging Face transformers (PyTorch): train step, decoding, and rollout throughput.
 
-  python benchmarks/compare.py [--quick] [--skip-train] [--steps=N] [--rounds=N]
+  python benchmarks/compare.py [--quick] [--skip-train] [--steps=N] [--rounds=N] [--cores=N]
+                               [--unroll-layers]
 
 Each measurement runs in its own subprocess with the same environment and allocator (LD_PRELOAD
 is passed through unchanged; the allocator in use is printed), fp32 everywhere:
@@ -15,7 +16,11 @@ is passed through unchanged; the allocator in use is printed), fp32 everywhere:
            tokens, 48 new tokens, temperature 1.0 (top-p left at its default 0.9).
 
 Decode and rollout are warmed up (compiled) first, then timed over --rounds rounds; the best
-round is reported. The last four lines are the ratios and the rollout rate, one `name: X` each.
+round is reported. `--cores=N` pins every system to the same N CPUs (torch then runs N threads);
+on a machine another job keeps busy, `--cores=1` spares transformers the stalls of its parallel
+regions waiting for a descheduled thread (see the load average printed first).
+`--unroll-layers` runs our decode and rollout with `SamplingConfig.unroll_layers`. The last four
+lines are the ratios and the rollout rate, one `name: X` each (nan when skipped or failed).
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ DECODE = {"preset": "bench-50M", "batch": 8, "prompt": 64, "new_tokens": 128}
 ROLLOUT = {"preset": "tiny", "batch": 128, "prompt": (90, 110), "new_tokens": 48}
 
 
-def timed(fn, rounds: int) -> dict:
-  """One warm-up call, then `rounds` timed calls: best and median seconds."""
-  fn()
+def timed(fn, rounds: int, warm_up=None) -> dict:
+  """One warm-up call (`warm_up`, default `fn`), then `rounds` timed calls of `fn`: best and
+  median seconds."""
+  (warm_up or fn)()
   seconds = []
   for _ in range(rounds):
     start = time.perf_counter()
@@ -53,7 +59,7 @@ def _single_device_mesh():
   return sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
 
 
-def decode_ours(rounds: int) -> dict:
+def decode_ours(rounds: int, unroll_layers: bool) -> dict:
   import jax
   import numpy as np
 
@@ -68,7 +74,8 @@ def decode_ours(rounds: int) -> dict:
 
   def run(steps):
     # eos_id -1: random weights would otherwise end some rows early, and HF runs all steps.
-    sampling_cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=steps, eos_id=-1)
+    sampling_cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=steps, eos_id=-1,
+                                           unroll_layers=unroll_layers)
     out = sampling.generate(graphdef, cfg, params, tokens, segment_ids, key, sampling_cfg)
     return jax.block_until_ready(out)
 
@@ -77,7 +84,8 @@ def decode_ours(rounds: int) -> dict:
           "generate": timed(lambda: run(new), rounds)}
 
 
-def decode_hf(rounds: int) -> dict:
+def decode_hf(rounds: int, unroll_layers: bool) -> dict:
+  del unroll_layers  # ours only
   import torch
 
   from lm import configs
@@ -96,12 +104,13 @@ def decode_hf(rounds: int) -> dict:
                             min_new_tokens=steps, do_sample=False, use_cache=True,
                             pad_token_id=0)
 
-  assert run(new).shape == (batch, prompt + new)
+  assert run(8).shape == (batch, prompt + 8)
+  # Nothing to compile: a short call warms up as well as a full one.
   return {"system": "transformers generate", "first_token": timed(lambda: run(1), rounds),
-          "generate": timed(lambda: run(new), rounds)}
+          "generate": timed(lambda: run(new), rounds, warm_up=lambda: run(8))}
 
 
-def rollout_ours(rounds: int) -> dict:
+def rollout_ours(rounds: int, unroll_layers: bool) -> dict:
   import jax
   import numpy as np
 
@@ -113,7 +122,7 @@ def rollout_ours(rounds: int) -> dict:
   lengths = rng.integers(ROLLOUT["prompt"][0], ROLLOUT["prompt"][1] + 1, ROLLOUT["batch"])
   prompts = [[1] + rng.integers(3, cfg.vocab_size, n - 1).tolist() for n in lengths]
   sampling_cfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=ROLLOUT["new_tokens"],
-                                         eos_id=-1)
+                                         eos_id=-1, unroll_layers=unroll_layers)
   generated = []
 
   def run():
@@ -125,20 +134,21 @@ def rollout_ours(rounds: int) -> dict:
           "new_tokens": generated[-1]}
 
 
-def run_one(system: str, steps: int, rounds: int) -> dict:
+def run_one(system: str, steps: int, rounds: int, unroll_layers: bool) -> dict:
   shape = (TRAIN["preset"], TRAIN["batch"], TRAIN["seq"], steps)
   if system == "train-ours":
     return ours(*shape)
   if system in ("train-hf", "train-hf-compile"):
     return hf(*shape, system == "train-hf-compile")
   return {"decode-ours": decode_ours, "decode-hf": decode_hf,
-          "rollout": rollout_ours}[system](rounds)
+          "rollout": rollout_ours}[system](rounds, unroll_layers)
 
 
-def ratio(ours_result: dict | None, theirs: dict | None, key: str = "tokens_per_second") -> float:
+def ratio(ours_result: dict | None, theirs: dict | None) -> float:
+  """Tokens/s of ours over theirs; nan when either is missing (skipped or failed)."""
   if not ours_result or not theirs:
     return float("nan")
-  return ours_result[key] / theirs[key]
+  return ours_result["tokens_per_second"] / theirs["tokens_per_second"]
 
 
 def main():
@@ -147,6 +157,9 @@ def main():
   parser.add_argument("--skip-train", action="store_true")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (default 10)")
   parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
+  parser.add_argument("--cores", type=int, default=None, help="pin every system to N CPUs")
+  parser.add_argument("--unroll-layers", action="store_true",
+                      help="our decode and rollout with SamplingConfig.unroll_layers")
   parser.add_argument("--system", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   steps = args.steps or (2 if args.quick else 10)
@@ -154,18 +167,27 @@ def main():
   if steps < 2 or rounds < 2:
     parser.error("--steps and --rounds must be at least 2")
   if args.system:
-    print(RESULT + json.dumps(run_one(args.system, steps, rounds)))
+    if args.cores:
+      # Before jax or torch is imported (inside run_one), so both size their threads to it.
+      os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
+    print(RESULT + json.dumps(run_one(args.system, steps, rounds, args.unroll_layers)))
     return
 
-  print(f"allocator: {allocator()}; {os.cpu_count()} CPUs; fp32; decode and rollout: best of "
-        f"{rounds} rounds after warm-up; train: mean of {steps} steps after warm-up")
+  # Another busy process on these cores slows transformers' many small parallel regions far more
+  # than XLA's few large ones, so the ratios are only comparable at a low load.
+  cores = f"; every system pinned to {args.cores}" if args.cores else ""
+  print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{cores}")
+  print(f"allocator: {allocator()}; fp32; decode and rollout: best of "
+        f"{rounds} rounds after warm-up; train: mean of {steps} steps after warm-up"
+        + ("; ours with unroll_layers" if args.unroll_layers else ""))
   systems = ["decode-ours", "decode-hf", "rollout"]
   if not args.skip_train:
     systems = ["train-ours", "train-hf", "train-hf-compile"] + systems
   results = {}
   for system in systems:
     cmd = [sys.executable, os.path.abspath(__file__), f"--system={system}", f"--steps={steps}",
-           f"--rounds={rounds}"]
+           f"--rounds={rounds}"] + (["--unroll-layers"] if args.unroll_layers else [])
+    cmd += [f"--cores={args.cores}"] if args.cores else []
     results[system] = run_system(cmd, system)
 
   for system in ("train-ours", "train-hf", "train-hf-compile"):

@@ -18,8 +18,10 @@ from typing import Iterator, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lm import model as model_lib
+from lm import sharding
 from lm.configs import ModelConfig
 
 
@@ -33,6 +35,11 @@ class SamplingConfig:
   max_new_tokens: int = 128
   eos_id: int = 2
   pad_id: int = 0
+  # Opt-in, for decode-bound `generate` on CPU: run the layers one after another over per-layer
+  # weights split once per call, instead of the model's scan, which on XLA:CPU copies every
+  # layer's weights out of the stack at every step; the prefill also projects only the last
+  # position to logits. Same tokens; compile time grows with depth. See `_forward`.
+  unroll_layers: bool = False
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -105,21 +112,62 @@ def _pick(cfg: SamplingConfig, logits: jax.Array, rng: jax.Array):
   return token, logprob[:, 0]
 
 
-def _prefill(graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng, length):
+def _split_layers(params) -> list:
+  """The stacked layer params [L, ...] as L per-layer trees, for `_forward`."""
+  stacked = params["layers"]
+  return [jax.tree.map(lambda a, i=i: a[i], stacked)
+          for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+
+
+def _forward(graphdef, params, layers, tokens, positions, segment_ids, cache, last_only=False):
+  """Logits [B, T, V] float32 for tokens [B, T] written into `cache`, and the updated cache.
+
+  `layers` None is `model.apply` (`last_only` ignored). Otherwise `layers` is
+  `_split_layers(params)`, made before the decode loop, and the layers run unrolled over it: each
+  layer's weights are copied out of the stack once per call rather than at every step, as the
+  scan does. `last_only` then gives the last position's logits only, [B, 1, V].
+  """
+  if layers is None:
+    return model_lib.apply(graphdef, params, tokens, positions=positions,
+                           segment_ids=segment_ids, cache=cache)
+  llama = nnx.merge(graphdef, params)
+  model_cfg, rules = llama.cfg, llama.rules
+  x = jnp.take(llama.tok_embeddings[...], tokens, axis=0).astype(model_cfg.compute_dtype)
+  x = sharding.shard(x, ("batch", "length", "act_embed"), rules)
+  sin, cos = model_lib.rope_tables(positions, model_cfg.head_dim, model_cfg.rope_theta)
+  block, _ = nnx.split(llama.layers)
+  cache_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids,
+                                                   (0, cache.index))
+  keys, values = [], []
+  for i, layer in enumerate(layers):
+    x, (k, v) = nnx.merge(block, layer)(x, sin, cos, segment_ids, (cache.k[i], cache.v[i]),
+                                        cache_segment_ids, cache.index)
+    keys.append(k)
+    values.append(v)
+  x = llama.norm(x[:, -1:] if last_only else x)
+  logits = jnp.einsum("BTD,DV->BTV", x, llama.output[...].astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+  keys, values = (sharding.shard(jnp.stack(c), model_lib.CACHE_NAMES, rules)
+                  for c in (keys, values))
+  cache = model_lib.KVCache(keys, values, cache_segment_ids, cache.index + tokens.shape[1])
+  return sharding.shard(logits, ("batch", "length", "act_vocab"), rules), cache
+
+
+def _prefill(graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng, length,
+             layers=None):
   """Runs the prompts into a fresh cache of `length` slots; samples each row's first token."""
   cache = model_lib.init_cache(model_cfg, prompt_tokens.shape[0], length)
   positions = _positions(prompt_segment_ids)
-  logits, cache = model_lib.apply(graphdef, params, prompt_tokens, positions=positions,
-                                  segment_ids=prompt_segment_ids, cache=cache)
+  logits, cache = _forward(graphdef, params, layers, prompt_tokens, positions,
+                           prompt_segment_ids, cache, last_only=True)
   token, logprob = _pick(cfg, logits[:, -1], jax.random.fold_in(rng, 0))
   return token, logprob, cache, positions[:, -1] + 1
 
 
-def _decode(graphdef, cfg, params, token, position, cache, rng, step):
+def _decode(graphdef, cfg, params, token, position, cache, rng, step, layers=None):
   """Feeds each row's last token [B] at `position` [B]; samples the next."""
-  logits, cache = model_lib.apply(graphdef, params, token[:, None], positions=position[:, None],
-                                  segment_ids=jnp.ones((token.shape[0], 1), jnp.int32),
-                                  cache=cache)
+  logits, cache = _forward(graphdef, params, layers, token[:, None], position[:, None],
+                           jnp.ones((token.shape[0], 1), jnp.int32), cache)
   token, logprob = _pick(cfg, logits[:, -1], jax.random.fold_in(rng, step))
   return token, logprob, cache
 
@@ -129,8 +177,10 @@ def _generate(graphdef, model_cfg: ModelConfig, cfg: SamplingConfig, params, pro
               prompt_segment_ids, rng) -> Generation:
   batch, prompt_len = prompt_tokens.shape
   steps = cfg.max_new_tokens
+  layers = _split_layers(params) if cfg.unroll_layers else None
   first, first_logprob, cache, next_position = _prefill(
-      graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng, prompt_len + steps)
+      graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng, prompt_len + steps,
+      layers)
   tokens = jnp.full((batch, steps), cfg.pad_id, jnp.int32).at[:, 0].set(first)
   logprobs = jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(first_logprob)
   done = first == cfg.eos_id
@@ -143,7 +193,7 @@ def _generate(graphdef, model_cfg: ModelConfig, cfg: SamplingConfig, params, pro
   def body(state):
     step, tokens, logprobs, done, lengths, cache = state
     token, logprob, cache = _decode(graphdef, cfg, params, tokens[:, step - 1],
-                                    next_position + step - 1, cache, rng, step)
+                                    next_position + step - 1, cache, rng, step, layers)
     token = jnp.where(done, cfg.pad_id, token)
     tokens = tokens.at[:, step].set(token)
     logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))

@@ -114,3 +114,21 @@ def test_streaming_yields_what_generate_returns(tiny):
   batch = sampling.generate(graphdef, CFG, params, *sampling.left_pad([prompt]), jax.random.key(4), cfg)
   streamed = list(sampling.stream(graphdef, CFG, params, prompt, jax.random.key(4), cfg))
   assert streamed == batch.tokens[0].tolist()
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_unrolled_layers_sample_what_the_scan_samples(tiny, on_mesh):
+  graphdef, params = tiny
+  prompts = sampling.left_pad([[1, 17, 33, 90, 4], [1, 250], [1, 5, 6], [1, 9, 9, 9]] * 2)
+  cfg = sampling.SamplingConfig(temperature=0.8, top_p=0.9, max_new_tokens=7, eos_id=-1)
+  expected = sampling.generate(graphdef, CFG, params, *prompts, jax.random.key(3), cfg)
+  unrolled = sampling.SamplingConfig(**{**vars(cfg), "unroll_layers": True})
+  if on_mesh:
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded = jax.device_put(params, model.param_shardings(CFG, mesh))
+    with jax.set_mesh(mesh):
+      out = sampling.generate(graphdef, CFG, sharded, *prompts, jax.random.key(3), unrolled)
+  else:
+    out = sampling.generate(graphdef, CFG, params, *prompts, jax.random.key(3), unrolled)
+  assert out.tokens.tolist() == expected.tokens.tolist()
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)
