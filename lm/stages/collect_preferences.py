@@ -41,7 +41,7 @@ from lm.tokenizer import Tokenizer
 
 ANNOTATORS = ("world",)
 SPLITS = ("train", "eval")
-TRACKS = ("helpful", "safety")
+TRACKS = reward.TRACKS
 
 
 @dataclasses.dataclass(frozen=True)
