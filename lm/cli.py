@@ -22,6 +22,9 @@ VERBS = {
     "export": "write a model directory as a Hugging Face Llama checkpoint",
 }
 
+# The verbs that run models on this host, where the allocator matters.
+COMPUTE_VERBS = ("run", "eval", "chat", "sample", "score")
+
 
 def usage() -> str:
   lines = ["usage: lm VERB [flags]   (lm VERB --help for the flags of a verb)", "", "verbs:"]
@@ -39,6 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"lm: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(f"lm.commands.{verb}")
+  if verb in COMPUTE_VERBS and not {"-h", "--help", "--helpfull"} & set(argv):
+    from lm import hardware  # noqa: PLC0415 (imports jax, which `lm --help` need not)
+    advice = hardware.allocator_advice()
+    if advice:
+      print(advice, file=sys.stderr)
   verb_argv = [f"lm {verb}"] + argv[2:]
   if hasattr(module, "prepare_argv"):
     verb_argv = module.prepare_argv(verb_argv)

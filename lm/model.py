@@ -204,6 +204,7 @@ class Transformer(nnx.Module):
   def hidden_states(
       self, tokens: jax.Array, positions: jax.Array | None = None,
       segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+      layers: list | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, D] for tokens [B, T], and the updated cache.
 
@@ -212,6 +213,10 @@ class Transformer(nnx.Module):
       positions: [B, T] int RoPE positions (default 0..T-1; reset per packed example).
       segment_ids: [B, T] int, 0 for padding (default all ones).
       cache: a KVCache to write the T new keys/values into at `cache.index` and attend over.
+      layers: `split_layers(params)`, to run the layers one after another over these per-layer
+        weights instead of scanning the stack (the same numbers). For decode loops on XLA:CPU,
+        whose scan copies each layer's weights out of the stack at every step: split once
+        before the loop and the copies happen once. Compile time grows with depth.
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -224,6 +229,9 @@ class Transformer(nnx.Module):
     sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
     graphdef, layer_params = nnx.split(self.layers)
+    if layers is not None:
+      x, cache = _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, self.rules)
+      return self.norm(x), cache
     if cache is None:
       def body(x, params):
         x, _ = nnx.merge(graphdef, params)(x, sin, cos, segment_ids)
@@ -249,6 +257,33 @@ class Transformer(nnx.Module):
     return x, cache
 
 
+def split_layers(params: Params) -> list:
+  """The stacked layer params [L, ...] of a model's params as L per-layer trees (`layers=`)."""
+  stacked = params["layers"]
+  return [jax.tree.map(lambda a, i=i: a[i], stacked)
+          for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+
+
+def _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, rules):
+  """The scan of `hidden_states` written out layer by layer over `split_layers`' trees."""
+  cache_segment_ids = None
+  if cache is not None:
+    cache_segment_ids = jax.lax.dynamic_update_slice(
+        cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+  keys, values = [], []
+  for i, layer in enumerate(layers):
+    layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+    x, kv = nnx.merge(graphdef, layer)(x, sin, cos, segment_ids, layer_kv, cache_segment_ids,
+                                       None if cache is None else cache.index)
+    if kv is not None:
+      keys.append(kv[0])
+      values.append(kv[1])
+  if cache is not None:
+    keys, values = (sharding.shard(jnp.stack(c), CACHE_NAMES, rules) for c in (keys, values))
+    cache = KVCache(keys, values, cache_segment_ids, cache.index + x.shape[1])
+  return x, cache
+
+
 class Llama(Transformer):
   """The language model: backbone plus an untied output projection [D, V]."""
 
@@ -257,9 +292,13 @@ class Llama(Transformer):
     super().__init__(cfg, rules, rngs=rngs)
     self.output = _param(rngs, cfg, (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
 
-  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
-    """Logits [B, T, V] in float32 for tokens [B, T], and the updated cache (see hidden_states)."""
-    x, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, layers=None,
+               last_only=False):
+    """Logits [B, T, V] in float32 for tokens [B, T], and the updated cache (see hidden_states).
+    `last_only` projects the last position only, [B, 1, V] (a prefill needs nothing more)."""
+    x, cache = self.hidden_states(tokens, positions, segment_ids, cache, layers)
+    if last_only:
+      x = x[:, -1:]
     logits = jnp.einsum("BTD,DV->BTV", x, self.output[...].astype(x.dtype),
                         preferred_element_type=jnp.float32)
     return sharding.shard(logits, ("batch", "length", "act_vocab"), self.rules), cache
@@ -274,9 +313,9 @@ class ScalarModel(Transformer):
     self.score = nnx.Param(jnp.zeros((cfg.dim,), jnp.dtype(cfg.param_dtype)),
                            out_sharding=("embed",), eager_sharding=False)
 
-  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, layers=None):
     """A scalar per position [B, T] in float32 (read one with `values_at`), and the cache."""
-    x, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    x, cache = self.hidden_states(tokens, positions, segment_ids, cache, layers)
     return jnp.einsum("BTD,D->BT", x.astype(jnp.float32), self.score[...].astype(jnp.float32)), cache
 
 

@@ -92,6 +92,22 @@ def test_kv_cache_decoding_reproduces_the_uncached_logits():
   np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(full), atol=1e-5)
 
 
+def test_layers_run_one_after_another_compute_what_the_scan_computes():
+  graphdef, params = model.create(CFG, seed=5)
+  tokens, seg, pos = batch(b=2)
+  run = jax.jit(lambda p, layers, last_only: model.apply(
+      graphdef, p, tokens, positions=pos, segment_ids=seg, layers=layers, last_only=last_only)[0],
+      static_argnums=2)
+  scanned = run(params, None, False)
+  layers = model.split_layers(params)
+  assert len(layers) == CFG.n_layers
+  # The same ops in the same order: only XLA's fusion choices differ.
+  np.testing.assert_allclose(np.asarray(run(params, layers, False)), np.asarray(scanned),
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(run(params, layers, True)), np.asarray(scanned[:, -1:]),
+                             atol=1e-5)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   cfg = CFG.replace(compute_dtype="bfloat16")
   graphdef, params = model.create(cfg)

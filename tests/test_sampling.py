@@ -120,7 +120,8 @@ def test_streaming_yields_what_generate_returns(tiny):
 def test_unrolled_layers_sample_what_the_scan_samples(tiny, on_mesh):
   graphdef, params = tiny
   prompts = sampling.left_pad([[1, 17, 33, 90, 4], [1, 250], [1, 5, 6], [1, 9, 9, 9]] * 2)
-  cfg = sampling.SamplingConfig(temperature=0.8, top_p=0.9, max_new_tokens=7, eos_id=-1)
+  cfg = sampling.SamplingConfig(temperature=0.8, top_p=0.9, max_new_tokens=7, eos_id=-1,
+                                unroll_layers=False)
   expected = sampling.generate(graphdef, CFG, params, *prompts, jax.random.key(3), cfg)
   unrolled = sampling.SamplingConfig(**{**vars(cfg), "unroll_layers": True})
   if on_mesh:
@@ -132,3 +133,16 @@ def test_unrolled_layers_sample_what_the_scan_samples(tiny, on_mesh):
     out = sampling.generate(graphdef, CFG, params, *prompts, jax.random.key(3), unrolled)
   assert out.tokens.tolist() == expected.tokens.tolist()
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)
+
+
+def test_unrolling_is_on_for_cpu_arrays_only_and_within_the_depth_bound():
+  _, params = model.create(CFG)
+  auto = sampling.SamplingConfig()
+  assert sampling.resolve_unroll(auto, CFG, params).unroll_layers is True
+  deep = CFG.replace(n_layers=sampling.UNROLL_MAX_LAYERS + 1)
+  assert sampling.resolve_unroll(auto, deep, params).unroll_layers is False
+  # Abstract params (as `lm aot` lowers for TPU) keep the scan; an explicit choice is kept.
+  abstract = model.abstract_params(CFG)
+  assert sampling.resolve_unroll(auto, CFG, abstract).unroll_layers is False
+  forced = sampling.SamplingConfig(unroll_layers=False)
+  assert sampling.resolve_unroll(forced, CFG, params).unroll_layers is False
