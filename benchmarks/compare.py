@@ -1,7 +1,7 @@
 """Ours against Hugging Face transformers (PyTorch): train step, decoding, and rollout throughput.
 
   python benchmarks/compare.py [--quick] [--skip-train] [--steps=N] [--rounds=N] [--cores=N]
-                               [--unroll-layers]
+                               [--scan-layers]
 
 Each measurement runs in its own subprocess with the same environment and allocator (LD_PRELOAD
 is passed through unchanged; the allocator in use is printed), fp32 everywhere:
@@ -19,8 +19,9 @@ Decode and rollout are warmed up (compiled) first, then timed over --rounds roun
 round is reported. `--cores=N` pins every system to the same N CPUs (torch then runs N threads);
 on a machine another job keeps busy, `--cores=1` spares transformers the stalls of its parallel
 regions waiting for a descheduled thread (see the load average printed first).
-`--unroll-layers` runs our decode and rollout with `SamplingConfig.unroll_layers`. The last four
-lines are the ratios and the rollout rate, one `name: X` each (nan when skipped or failed).
+`--scan-layers` runs our decode and rollout with the layers scanned (on CPU they run unrolled by
+default, `SamplingConfig.unroll_layers`). The last four lines are the ratios and the rollout
+rate, one `name: X` each (nan when skipped or failed).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _single_device_mesh():
   return sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
 
 
-def decode_ours(rounds: int, unroll_layers: bool) -> dict:
+def decode_ours(rounds: int, scan_layers: bool) -> dict:
   import jax
   import numpy as np
 
@@ -75,7 +76,7 @@ def decode_ours(rounds: int, unroll_layers: bool) -> dict:
   def run(steps):
     # eos_id -1: random weights would otherwise end some rows early, and HF runs all steps.
     sampling_cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=steps, eos_id=-1,
-                                           unroll_layers=unroll_layers)
+                                           unroll_layers=False if scan_layers else None)
     out = sampling.generate(graphdef, cfg, params, tokens, segment_ids, key, sampling_cfg)
     return jax.block_until_ready(out)
 
@@ -84,8 +85,8 @@ def decode_ours(rounds: int, unroll_layers: bool) -> dict:
           "generate": timed(lambda: run(new), rounds)}
 
 
-def decode_hf(rounds: int, unroll_layers: bool) -> dict:
-  del unroll_layers  # ours only
+def decode_hf(rounds: int, scan_layers: bool) -> dict:
+  del scan_layers  # ours only
   import torch
 
   from lm import configs
@@ -110,7 +111,7 @@ def decode_hf(rounds: int, unroll_layers: bool) -> dict:
           "generate": timed(lambda: run(new), rounds, warm_up=lambda: run(8))}
 
 
-def rollout_ours(rounds: int, unroll_layers: bool) -> dict:
+def rollout_ours(rounds: int, scan_layers: bool) -> dict:
   import jax
   import numpy as np
 
@@ -122,7 +123,7 @@ def rollout_ours(rounds: int, unroll_layers: bool) -> dict:
   lengths = rng.integers(ROLLOUT["prompt"][0], ROLLOUT["prompt"][1] + 1, ROLLOUT["batch"])
   prompts = [[1] + rng.integers(3, cfg.vocab_size, n - 1).tolist() for n in lengths]
   sampling_cfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=ROLLOUT["new_tokens"],
-                                         eos_id=-1, unroll_layers=unroll_layers)
+                                         eos_id=-1, unroll_layers=False if scan_layers else None)
   generated = []
 
   def run():
@@ -134,14 +135,14 @@ def rollout_ours(rounds: int, unroll_layers: bool) -> dict:
           "new_tokens": generated[-1]}
 
 
-def run_one(system: str, steps: int, rounds: int, unroll_layers: bool) -> dict:
+def run_one(system: str, steps: int, rounds: int, scan_layers: bool) -> dict:
   shape = (TRAIN["preset"], TRAIN["batch"], TRAIN["seq"], steps)
   if system == "train-ours":
     return ours(*shape)
   if system in ("train-hf", "train-hf-compile"):
     return hf(*shape, system == "train-hf-compile")
   return {"decode-ours": decode_ours, "decode-hf": decode_hf,
-          "rollout": rollout_ours}[system](rounds, unroll_layers)
+          "rollout": rollout_ours}[system](rounds, scan_layers)
 
 
 def ratio(ours_result: dict | None, theirs: dict | None) -> float:
@@ -158,8 +159,8 @@ def main():
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (default 10)")
   parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
   parser.add_argument("--cores", type=int, default=None, help="pin every system to N CPUs")
-  parser.add_argument("--unroll-layers", action="store_true",
-                      help="our decode and rollout with SamplingConfig.unroll_layers")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="our decode and rollout with the layers scanned, not unrolled")
   parser.add_argument("--system", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   steps = args.steps or (2 if args.quick else 10)
@@ -170,7 +171,7 @@ def main():
     if args.cores:
       # Before jax or torch is imported (inside run_one), so both size their threads to it.
       os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
-    print(RESULT + json.dumps(run_one(args.system, steps, rounds, args.unroll_layers)))
+    print(RESULT + json.dumps(run_one(args.system, steps, rounds, args.scan_layers)))
     return
 
   # Another busy process on these cores slows transformers' many small parallel regions far more
@@ -179,14 +180,14 @@ def main():
   print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{cores}")
   print(f"allocator: {allocator()}; fp32; decode and rollout: best of "
         f"{rounds} rounds after warm-up; train: mean of {steps} steps after warm-up"
-        + ("; ours with unroll_layers" if args.unroll_layers else ""))
+        + ("; ours with the layers scanned" if args.scan_layers else ""))
   systems = ["decode-ours", "decode-hf", "rollout"]
   if not args.skip_train:
     systems = ["train-ours", "train-hf", "train-hf-compile"] + systems
   results = {}
   for system in systems:
     cmd = [sys.executable, os.path.abspath(__file__), f"--system={system}", f"--steps={steps}",
-           f"--rounds={rounds}"] + (["--unroll-layers"] if args.unroll_layers else [])
+           f"--rounds={rounds}"] + (["--scan-layers"] if args.scan_layers else [])
     cmd += [f"--cores={args.cores}"] if args.cores else []
     results[system] = run_system(cmd, system)
 
