@@ -1,10 +1,10 @@
 """Ours against Hugging Face transformers (PyTorch): train step, decoding, and rollout throughput.
 
   python benchmarks/compare.py [--quick] [--skip-train] [--steps=N] [--rounds=N] [--cores=N]
-                               [--scan-layers]
+                               [--scan-layers] [--dtype=bfloat16]
 
 Each measurement runs in its own subprocess with the same environment and allocator (LD_PRELOAD
-is passed through unchanged; the allocator in use is printed), fp32 everywhere:
+is passed through unchanged; the allocator in use is printed), fp32 unless `--dtype` says:
 
   train    benchmarks/train_step.py's workload: bench-50M, batch 8 x 512, AdamW; tokens/s is the
            mean over --steps steps after warm-up (that script's own measurement).
@@ -20,8 +20,9 @@ round is reported. `--cores=N` pins every system to the same N CPUs (torch then 
 on a machine another job keeps busy, `--cores=1` spares transformers the stalls of its parallel
 regions waiting for a descheduled thread (see the load average printed first).
 `--scan-layers` runs our decode and rollout with the layers scanned (on CPU they run unrolled by
-default, `SamplingConfig.unroll_layers`). The last four lines are the ratios and the rollout
-rate, one `name: X` each (nan when skipped or failed).
+default, `SamplingConfig.unroll_layers`); `--dtype=bfloat16` runs them with bf16 weights and KV
+cache (`rollout_dtype`; fp32 is the default everywhere). The last four lines are the ratios and
+the rollout rate, one `name: X` each (nan when skipped or failed).
 """
 
 from __future__ import annotations
@@ -60,15 +61,16 @@ def _single_device_mesh():
   return sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
 
 
-def decode_ours(rounds: int, scan_layers: bool) -> dict:
+def decode_ours(rounds: int, opts) -> dict:
   import jax
   import numpy as np
 
-  from lm import configs, model, sampling
+  from lm import configs, roles, sampling
 
   batch, prompt, new = DECODE["batch"], DECODE["prompt"], DECODE["new_tokens"]
   cfg = configs.get_preset(DECODE["preset"], compute_dtype="float32")
-  graphdef, params = model.create(cfg, _single_device_mesh())
+  role = roles.in_dtype(roles.create("model", cfg, _single_device_mesh()), opts.dtype)
+  graphdef, cfg, params = role.graphdef, role.model_cfg, role.params
   tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt)).astype(np.int32)
   segment_ids = np.ones_like(tokens)
   key = jax.random.key(0)
@@ -76,7 +78,7 @@ def decode_ours(rounds: int, scan_layers: bool) -> dict:
   def run(steps):
     # eos_id -1: random weights would otherwise end some rows early, and HF runs all steps.
     sampling_cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=steps, eos_id=-1,
-                                           unroll_layers=False if scan_layers else None)
+                                           unroll_layers=False if opts.scan_layers else None)
     out = sampling.generate(graphdef, cfg, params, tokens, segment_ids, key, sampling_cfg)
     return jax.block_until_ready(out)
 
@@ -85,8 +87,8 @@ def decode_ours(rounds: int, scan_layers: bool) -> dict:
           "generate": timed(lambda: run(new), rounds)}
 
 
-def decode_hf(rounds: int, scan_layers: bool) -> dict:
-  del scan_layers  # ours only
+def decode_hf(rounds: int, opts) -> dict:
+  del opts  # ours only
   import torch
 
   from lm import configs
@@ -111,19 +113,21 @@ def decode_hf(rounds: int, scan_layers: bool) -> dict:
           "generate": timed(lambda: run(new), rounds, warm_up=lambda: run(8))}
 
 
-def rollout_ours(rounds: int, scan_layers: bool) -> dict:
+def rollout_ours(rounds: int, opts) -> dict:
   import jax
   import numpy as np
 
   from lm import configs, roles, rollout, sampling
 
   cfg = configs.get_preset(ROLLOUT["preset"])
-  policy = roles.create("policy", cfg, _single_device_mesh(), plan="rollout")
+  policy = roles.in_dtype(roles.create("policy", cfg, _single_device_mesh(), plan="rollout"),
+                          opts.dtype)
   rng = np.random.default_rng(0)
   lengths = rng.integers(ROLLOUT["prompt"][0], ROLLOUT["prompt"][1] + 1, ROLLOUT["batch"])
   prompts = [[1] + rng.integers(3, cfg.vocab_size, n - 1).tolist() for n in lengths]
   sampling_cfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=ROLLOUT["new_tokens"],
-                                         eos_id=-1, unroll_layers=False if scan_layers else None)
+                                         eos_id=-1,
+                                         unroll_layers=False if opts.scan_layers else None)
   generated = []
 
   def run():
@@ -135,14 +139,14 @@ def rollout_ours(rounds: int, scan_layers: bool) -> dict:
           "new_tokens": generated[-1]}
 
 
-def run_one(system: str, steps: int, rounds: int, scan_layers: bool) -> dict:
+def run_one(system: str, steps: int, rounds: int, opts) -> dict:
   shape = (TRAIN["preset"], TRAIN["batch"], TRAIN["seq"], steps)
   if system == "train-ours":
     return ours(*shape)
   if system in ("train-hf", "train-hf-compile"):
     return hf(*shape, system == "train-hf-compile")
   return {"decode-ours": decode_ours, "decode-hf": decode_hf,
-          "rollout": rollout_ours}[system](rounds, scan_layers)
+          "rollout": rollout_ours}[system](rounds, opts)
 
 
 def ratio(ours_result: dict | None, theirs: dict | None) -> float:
@@ -161,6 +165,8 @@ def main():
   parser.add_argument("--cores", type=int, default=None, help="pin every system to N CPUs")
   parser.add_argument("--scan-layers", action="store_true",
                       help="our decode and rollout with the layers scanned, not unrolled")
+  parser.add_argument("--dtype", default="", choices=("", "bfloat16"),
+                      help="our decode and rollout weights and KV cache (rollout_dtype)")
   parser.add_argument("--system", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   steps = args.steps or (2 if args.quick else 10)
@@ -171,23 +177,24 @@ def main():
     if args.cores:
       # Before jax or torch is imported (inside run_one), so both size their threads to it.
       os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
-    print(RESULT + json.dumps(run_one(args.system, steps, rounds, args.scan_layers)))
+    print(RESULT + json.dumps(run_one(args.system, steps, rounds, args)))
     return
 
   # Another busy process on these cores slows transformers' many small parallel regions far more
   # than XLA's few large ones, so the ratios are only comparable at a low load.
   cores = f"; every system pinned to {args.cores}" if args.cores else ""
   print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{cores}")
-  print(f"allocator: {allocator()}; fp32; decode and rollout: best of "
-        f"{rounds} rounds after warm-up; train: mean of {steps} steps after warm-up"
-        + ("; ours with the layers scanned" if args.scan_layers else ""))
+  print(f"allocator: {allocator()}; fp32 (our decode and rollout: {args.dtype or 'fp32'}); "
+        f"decode and rollout: best of {rounds} rounds after warm-up; train: mean of {steps} "
+        "steps after warm-up" + ("; ours with the layers scanned" if args.scan_layers else ""))
   systems = ["decode-ours", "decode-hf", "rollout"]
   if not args.skip_train:
     systems = ["train-ours", "train-hf", "train-hf-compile"] + systems
   results = {}
   for system in systems:
     cmd = [sys.executable, os.path.abspath(__file__), f"--system={system}", f"--steps={steps}",
-           f"--rounds={rounds}"] + (["--scan-layers"] if args.scan_layers else [])
+           f"--rounds={rounds}", f"--dtype={args.dtype}"]
+    cmd += ["--scan-layers"] if args.scan_layers else []
     cmd += [f"--cores={args.cores}"] if args.cores else []
     results[system] = run_system(cmd, system)
 

@@ -113,3 +113,23 @@ def move(role: Role, mesh, plan: str, *, out: Role | None = None, donate: bool =
                            out=None if out is None else out.params, donate=donate)
   graphdef, _ = model.abstract_model(role.model_cfg, role.head, sharding.plan_rules(plan))
   return dataclasses.replace(role, graphdef=graphdef, params=params, mesh=mesh, plan=plan)
+
+
+GENERATION_DTYPES = ("", "float32", "bfloat16")
+
+
+def in_dtype(role: Role, dtype: str) -> Role:
+  """`role` computing in `dtype`, its floating params a cast copy ("" returns `role` itself).
+
+  For generation, which reads every weight at every decode step: bf16 weights halve the bytes
+  read, and the KV cache follows the compute dtype. Training state stays in its own dtype.
+  """
+  if dtype not in GENERATION_DTYPES:
+    raise ValueError(f"role {role.name!r}: rollout_dtype {dtype!r} must be one of "
+                     f"{GENERATION_DTYPES} (\"\" keeps the model's own)")
+  if not dtype:
+    return role
+  model_cfg = role.model_cfg.replace(compute_dtype=dtype)
+  graphdef, _ = model.abstract_model(model_cfg, role.head, role.rules)
+  return dataclasses.replace(role, model_cfg=model_cfg, graphdef=graphdef,
+                             params=cast(role.params, dtype))

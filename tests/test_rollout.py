@@ -132,3 +132,22 @@ def test_answers_match_whole_words_only():
   assert not chat_evals.contains_answer("Mira is 41 years old.", 4)
   assert chat_evals.contains_answer("She lives in Velloran.", "velloran")
   assert not chat_evals.contains_answer("She lives in Vellorana.", "Velloran")
+
+
+def test_a_bf16_rollout_copy_reads_half_width_weights_and_leaves_the_policy_alone(policy):
+  """`rollout_dtype="bfloat16"`: the rollout copy's weights and KV cache are bf16, the trainer's
+  params stay fp32, and its logprobs stay near the fp32 teacher-forced ones."""
+  copy = roles.in_dtype(roles.move(policy, policy.mesh, "rollout"), "bfloat16")
+  assert {a.dtype for a in jax.tree.leaves(copy.params)} == {jnp.dtype(jnp.bfloat16)}
+  assert {a.dtype for a in jax.tree.leaves(policy.params)} == {jnp.dtype(jnp.float32)}
+  assert copy.model_cfg.compute_dtype == "bfloat16" and policy.model_cfg.compute_dtype == "float32"
+  cfg = sampling.SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8, eos_id=-1)
+  samples = rollout.generate(copy, PROMPTS, cfg, jax.random.key(5), batch_size=8)
+  rows, forced = teacher_forced_logprobs(policy, samples)
+  gap = np.abs(forced - rows["logprobs"])[rows["answer_mask"] == 1].max()
+  print(f"bf16-weight rollout vs fp32 teacher-forced logprobs: max |diff| = {gap:.4f}")
+  # Measured 0.0019, as above: bf16 compute already rounds each weight to bf16 where it is used,
+  # so storing them in bf16 changes where the rounding happens, not how much.
+  assert gap < 0.02
+  with pytest.raises(ValueError, match="rollout_dtype 'bf16' must be one of"):
+    roles.in_dtype(policy, "bf16")

@@ -53,6 +53,9 @@ class Config:
   eval: Eval = Eval()
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
+  # "bfloat16": generate with half-width weights and KV cache (decode reads every weight at
+  # every step); "" keeps the model's dtype. Training state is untouched.
+  rollout_dtype: str = ""
 
 
 @dataclasses.dataclass
@@ -98,7 +101,8 @@ def evaluate_model(cfg: Config, ctx, inputs: Inputs, ranker: Ranker, model_dir: 
                    label: str) -> dict:
   """One model's held-out figures (replies in DIR/eval_<label>.jsonl)."""
   policy = kit.rollout_role(roles.load("policy", model_dir, ctx.mesh(), head="lm",
-                                       plan=cfg.plan), cfg.rollout_plan)
+                                       plan=cfg.plan),
+                            cfg.rollout_plan, cfg.rollout_dtype)
   return held_out_eval(policy, ranker, inputs.eval_prompts, cfg.eval.max_new_tokens,
                        cfg.eval.batch_size, os.path.join(ctx.directory, f"eval_{label}.jsonl"),
                        inputs.lookalikes)

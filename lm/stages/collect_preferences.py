@@ -84,6 +84,9 @@ class Config:
   judges: Reward = Reward()
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
+  # "bfloat16": generate with half-width weights and KV cache (decode reads every weight at
+  # every step); "" keeps the model's dtype. Training state is untouched.
+  rollout_dtype: str = ""
 
 
 @dataclasses.dataclass
@@ -208,7 +211,8 @@ def _report(ctx, metrics: dict) -> str:
 def run(cfg: Config, ctx, log=print) -> dict:
   inputs = validate(cfg, ctx)
   policy = kit.rollout_role(roles.load("policy", inputs.init_dir, ctx.mesh(), head="lm",
-                                       plan=cfg.plan), cfg.rollout_plan)
+                                       plan=cfg.plan),
+                            cfg.rollout_plan, cfg.rollout_dtype)
   s = cfg.sampling
   sampling_cfg = sampling.SamplingConfig(temperature=s.temperature, top_p=s.top_p,
                                          max_new_tokens=s.max_new_tokens,

@@ -88,6 +88,9 @@ class Config:
   z_loss: float = 0.0
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
+  # "bfloat16": generate with half-width weights and KV cache (decode reads every weight at
+  # every step); "" keeps the model's dtype. Training state is untouched.
+  rollout_dtype: str = ""
 
 
 @dataclasses.dataclass
@@ -278,7 +281,8 @@ def run(cfg: Config, ctx, log=print) -> dict:
 def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   inputs = validate(cfg, ctx)
   policy = kit.rollout_role(roles.load("policy", model_dir, ctx.mesh(), head="lm",
-                                       plan=cfg.plan), cfg.rollout_plan)
+                                       plan=cfg.plan),
+                            cfg.rollout_plan, cfg.rollout_dtype)
   return ContextDistillation(cfg, ctx, inputs).evaluate(policy, "eval")
 
 

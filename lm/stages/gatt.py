@@ -90,6 +90,9 @@ class Config:
   z_loss: float = 0.0
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
+  # "bfloat16": generate with half-width weights and KV cache (decode reads every weight at
+  # every step); "" keeps the model's dtype. Training state is untouched.
+  rollout_dtype: str = ""
   # Safety demonstrations replayed beside the generated dialogues [U], as SFT reads them
   # (`sft.safety_dialogues`): GAtt's dialogues hold no adversarial prompt, and a model
   # fine-tuned on them alone forgets its refusals.
@@ -366,7 +369,8 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   """Adherence by turn of any model directory (`lm eval`)."""
   inputs = validate(cfg, ctx)
   policy = kit.rollout_role(roles.load("policy", model_dir, ctx.mesh(), head="lm",
-                                       plan=cfg.plan), cfg.rollout_plan)
+                                       plan=cfg.plan),
+                            cfg.rollout_plan, cfg.rollout_dtype)
   return measure_adherence(cfg, inputs, policy, os.path.join(model_dir, "adherence_eval.jsonl"))
 
 

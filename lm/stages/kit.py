@@ -114,9 +114,10 @@ def build_trainer(cfg, model_cfg: configs.ModelConfig, mesh, where: str, *, head
     raise ValueError(f"{where}: {e}") from e
 
 
-def rollout_role(role: roles.Role, plan: str) -> roles.Role:
-  """`role` laid out for generation (a copy on `plan`; the role itself when already there)."""
-  return roles.move(role, role.mesh, plan)
+def rollout_role(role: roles.Role, plan: str, dtype: str = "") -> roles.Role:
+  """`role` laid out for generation: a copy on `plan` computing in `dtype` ("" keeps the
+  model's), or the role itself when it already is."""
+  return roles.in_dtype(roles.move(role, role.mesh, plan), dtype)
 
 
 def make_evaluate(role: roles.Role, batches: list[dict],

@@ -110,6 +110,9 @@ class Config:
   keep_checkpoints: int = 2
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
+  # "bfloat16": generate with half-width weights and KV cache (decode reads every weight at
+  # every step); "" keeps the model's dtype. Training state is untouched.
+  rollout_dtype: str = ""
 
 
 @dataclasses.dataclass
@@ -391,8 +394,9 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   inputs = validate(cfg, ctx)
   policy = roles.load("policy", model_dir, ctx.mesh(), head="lm", plan=cfg.plan)
   reference, ranker = ppo_models.load_frozen(cfg, ctx, inputs)
-  return ppo_models.evaluate_policy(cfg, ctx, inputs, kit.rollout_role(policy, cfg.rollout_plan),
-                                    policy, reference, ranker, "eval")
+  rollout_policy = kit.rollout_role(policy, cfg.rollout_plan, cfg.rollout_dtype)
+  return ppo_models.evaluate_policy(cfg, ctx, inputs, rollout_policy, policy, reference, ranker,
+                                    "eval")
 
 
 PROGRAMS = ppo_models.PROGRAMS

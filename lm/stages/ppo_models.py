@@ -40,8 +40,9 @@ class PPOModels:
     """The policy with `params` on the rollout layout, reusing the previous copy's buffers."""
     moved = roles.move(self.policy.with_params(params), self.policy.mesh, self.cfg.rollout_plan,
                        out=self._rollout_copy)
-    jax.block_until_ready(moved.params)
     self._rollout_copy = moved if moved.plan != self.policy.plan else None
+    moved = roles.in_dtype(moved, self.cfg.rollout_dtype)
+    jax.block_until_ready(moved.params)
     return moved
 
   def experience(self, trainable, prompts, samples: rollout.Samples) -> tuple[dict, dict]:

@@ -118,6 +118,9 @@ class Config:
   z_loss: float = 0.0
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
+  # "bfloat16": generate with half-width weights and KV cache (decode reads every weight at
+  # every step); "" keeps the model's dtype. Training state is untouched.
+  rollout_dtype: str = ""
 
 
 def _samples_path(reference: str, ctx, field: str) -> str:
@@ -352,7 +355,8 @@ def evaluate(cfg: Config, ctx, model_dir: str) -> dict:
   """Gold and RM scores of any model directory's greedy replies to the held-out prompts."""
   inputs = validate(cfg, ctx)
   policy = kit.rollout_role(roles.load("policy", model_dir, ctx.mesh(), head="lm",
-                                       plan=cfg.plan), cfg.rollout_plan)
+                                       plan=cfg.plan),
+                            cfg.rollout_plan, cfg.rollout_dtype)
   return RejectionSampling(cfg, ctx, inputs).evaluate(policy, "eval")
 
 
