@@ -20,10 +20,12 @@ VERBS = {
     "score": "reward-model scores of dialogues or preference pairs, on [0, 1]",
     "convert": "import a Meta or Hugging Face Llama checkpoint as a model directory",
     "export": "write a model directory as a Hugging Face Llama checkpoint",
+    "pod": "run an experiment on every host of a Cloud TPU slice (or N local processes)",
 }
 
-# The verbs that run models on this host, where the allocator matters.
-COMPUTE_VERBS = ("run", "eval", "chat", "sample", "score")
+# The verbs that run models on this host, where the allocator matters (`run` says it itself,
+# once jax.distributed is set up: asking for the backend before that starts it too early).
+COMPUTE_VERBS = ("eval", "chat", "sample", "score")
 
 
 def usage() -> str:

@@ -15,7 +15,7 @@ import time
 import jax
 import ml_collections
 
-from lm import checkpoints, metrics_io, report, sharding, trainer
+from lm import checkpoints, hardware, metrics_io, report, sharding, trainer
 from lm.stages import common, stage_module, typed_config
 
 
@@ -33,9 +33,10 @@ def maybe_initialize_distributed(cfg: ml_collections.ConfigDict | None) -> None:
   if cfg and cfg.get("coordinator"):
     kwargs = dict(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
                   process_id=cfg.process_id)
-  if jax.default_backend() == "cpu" or (cfg and cfg.get("cpu_collectives")):
-    jax.config.update("jax_cpu_collectives_implementation",
-                      (cfg.get("cpu_collectives") if cfg else None) or "gloo")
+  # Set before initialize() and without asking for the backend (that would start it, which
+  # initialize() forbids); it only affects CPU devices.
+  jax.config.update("jax_cpu_collectives_implementation",
+                    (cfg.get("cpu_collectives") if cfg else None) or "gloo")
   jax.distributed.initialize(**kwargs)
 
 
@@ -43,6 +44,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, log=print) -
   """Runs `config.pipeline` under `workdir`; returns {stage: metrics} for the stages that ran."""
   trainer.check_workdir_writable(workdir)
   maybe_initialize_distributed(config.get("distributed"))
+  advice = hardware.allocator_advice()  # only now: asking for the backend starts it
+  if advice and jax.process_index() == 0:
+    log(advice)
   if jax.process_index() == 0:
     checkpoints.write_atomically(os.path.join(workdir, "config.json"), config.to_json_best_effort(
         indent=2) + "\n")
