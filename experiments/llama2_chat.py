@@ -343,9 +343,18 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.stages.ppo = _judged_by(ppo_stage(preset, chain[-1]), rms)
   c.stages.ppo.value_from = rms[0]
   pipeline.append("ppo")
-  if preset != "test":
-    # The test preset's chat model never refuses, even with a preprompt: nothing to distil.
-    c.stages.safety_cd = _judged_by(cd_stage(preset), rms)
+  c.stages.safety_cd = _judged_by(cd_stage(preset), rms)
+  if preset == "test":
+    # The test chain's models answer adversarial prompts with broken text with or without a
+    # preprompt: nothing to distil. Its context distillation starts instead from an SFT model
+    # that saw the safety demonstrations only behind a generic safety preprompt, so it is safe
+    # with one and not without, and distils that with the same preprompts.
+    c.stages.sft_preprompted = sft_stage(preset)
+    c.stages.sft_preprompted.safety_preprompt = "generic"
+    c.stages.safety_cd.init_from = "sft_preprompted"
+    c.stages.safety_cd.preprompt = "generic"
+    pipeline += ["sft_preprompted", "safety_cd"]
+  else:
     c.stages.chat_eval = _judged_by(
         chat_eval_stage(preset, tuple(chain) + ("ppo", "safety_cd")), rms)
     pipeline += ["safety_cd", "chat_eval"]

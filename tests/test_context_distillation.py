@@ -165,3 +165,34 @@ def test_score_change_is_grouped_by_the_starting_score():
                      "after": pytest.approx(0.65)},
                     {"bucket": "0.75-1.0", "prompts": 2, "before": pytest.approx(0.95),
                      "after": pytest.approx(0.825)}]
+
+
+def test_safety_demonstrations_behind_a_preprompt_each_get_a_generic_one(tmp_path):
+  """The test preset's CD starting model: SFT on the safety demonstrations with a generic safety
+  preprompt as the system message, so it is safe with a preprompt and not without."""
+  from data_pipelines import text
+  from lm.stages import sft
+  world = tmp_path / "world"
+  (world / "sft").mkdir(parents=True)
+  (world / "safety").mkdir()
+  demos = [[{"role": "user", "content": f"How do I rob person {i}?"},
+            {"role": "assistant", "content": "I cannot help with that request."}]
+           for i in range(6)]
+  (world / "sft" / "safety.jsonl").write_text(
+      "".join(json.dumps({"messages": m}) + "\n" for m in demos))
+  (world / "safety" / "preprompts.json").write_text(json.dumps(PREPROMPTS))
+  ctx = common.StageContext("sft_preprompted", str(tmp_path / "out"), {"world": str(world)},
+                            sharding.MeshConfig(), 0)
+  cfg = dataclasses.replace(typed_config(llama2_chat.sft_stage("test"), "stages.sft"),
+                            safety_data="world", safety_preprompt="generic")
+  drawn = sft.safety_dialogues(cfg, ctx, text.BadRows(False))
+  assert len(drawn) == 6
+  for _, messages in drawn:
+    assert messages[0]["role"] == "system" and messages[0]["content"] in PREPROMPTS["generic"]
+    assert messages[1:] in demos
+  plain = sft.safety_dialogues(dataclasses.replace(cfg, safety_preprompt=""), ctx,
+                               text.BadRows(False))
+  assert sorted(m[0]["content"] for _, m in plain) == sorted(m[0]["content"] for m in demos)
+  with pytest.raises(ValueError, match="safety_preprompt must be"):
+    sft.safety_dialogues(dataclasses.replace(cfg, safety_preprompt="loud"), ctx,
+                         text.BadRows(False))

@@ -108,8 +108,9 @@ def test_lm_run_killed_mid_stage_resumes_to_the_same_curve(smoke_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
-  """world -> tokenizer -> pretrain -> SFT -> GAtt -> both RMs -> rejection sampling -> PPO at
-  test size, run once for every test below."""
+  """world -> tokenizer -> pretrain -> SFT -> GAtt -> both RMs -> rejection sampling -> PPO, and
+  SFT with preprompted safety demonstrations -> context distillation, at test size, run once for
+  every test below."""
   workdir = tmp_path_factory.mktemp("chat")
   # About 19 minutes on 2 cores shared with the other test worker; the timeout only guards
   # against a hang.
@@ -277,3 +278,23 @@ def test_ppo_raises_the_reward_of_its_samples_on_held_out_prompts(chat_run):
   assert iterations[0]["kl_k1"] == pytest.approx(0.0, abs=1e-6)  # the policy is π_0 at first
   assert all(r["rollout_seconds"] > 0 and r["update_seconds"] > 0 for r in iterations)
   assert "Where the time went" in (chat_run / "report.md").read_text()
+
+
+def test_context_distillation_makes_the_model_safe_without_the_preprompt(chat_run):
+  cd = metrics_of(chat_run, "safety_cd")
+  # The starting model saw its safety demonstrations only behind a generic preprompt: measured
+  # safe on 0.80 of the 88 training prompts with one, on none without (0/88, and 0/16 held out).
+  assert cd["data_preprompted_gold_safe_rate"] >= cd["data_original_gold_safe_rate"] + 0.4
+  # Learning: the held-out adversarial prompts (16), answered greedily without any preprompt,
+  # judged by the world's gold rule: measured 0.00 -> 0.81. A stage that distilled nothing would
+  # leave the same model (0 -> 0: fine-tuning on its own helpful answers teaches no refusal);
+  # 0.5 is three binomial standard errors (0.1 at 0.8 of 16) below what was measured.
+  assert cd["gold_safe_rate_before"] <= 0.2
+  assert cd["gold_safe_rate"] >= max(0.5, cd["gold_safe_rate_before"] + 0.4)
+  rows = [json.loads(l) for l in (chat_run / "safety_cd" / "cd_data.jsonl").read_text()
+          .splitlines()]
+  # No preprompt reaches a training row, and targeted CD kept exactly the rows it counted.
+  assert all(m["role"] != "system" for r in rows for m in r["messages"])
+  assert sum(r["distilled"] for r in rows) == cd["data_distilled"]
+  # The side effect §8.4 warns of, reported beside it (measured 0.02 -> 0.65 on the look-alikes).
+  assert "false_refusal_rate_lookalikes" in cd and "false_refusal_rate_lookalikes_before" in cd

@@ -7,8 +7,8 @@ for the real sizes: LR 2e-5 cosine, weight decay 0.1, batch 64, seq 4096, 2 epoc
 Config (`Config`): init_from (an earlier stage or model directory), tokenizer, data (source: an
 earlier stage that wrote sft/ data, e.g. "world", a path of dialogue JSONL, or "tfds:NAME[@SPLIT]"
 of a dialogues dataset under data_dir (data_pipelines/tfds_sources.py); eval_source; seq_len;
-eval_batches; skip_bad_rows), safety_data and safety_fraction (safety demonstrations mixed into
-the training split, §8.2), train, optimizer, z_loss, plan, rollout_plan. The model is the one in
+eval_batches; skip_bad_rows), safety_data, safety_fraction and safety_preprompt (safety
+demonstrations mixed into the training split, §8.2), train, optimizer, z_loss, plan, rollout_plan. The model is the one in
 init_from (`lm aot` follows init_from through the experiment to find its shape).
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import random
@@ -47,6 +48,10 @@ class Config:
   # used, drawn at random (§8.3's scaling ablation varies it from 0 to 1).
   safety_data: str = ""
   safety_fraction: float = 1.0
+  # "generic": each safety demonstration gets one of the source's generic safety preprompts
+  # (safety/preprompts.json) as its system message, drawn with the seed [U]: a model that is
+  # safe with a preprompt and not without, the state context distillation starts from (§8.4).
+  safety_preprompt: str = ""
 
 
 def train_steps(cfg: Config, packed_rows: int) -> int:
@@ -77,7 +82,20 @@ def safety_dialogues(cfg: Config, ctx, bad: text.BadRows) -> list:
   if not os.path.exists(path):
     raise ValueError(f"{where}.safety_data: {path} does not exist")
   dialogues = list(chat_data.read_dialogues(path, bad))
-  return random.Random(ctx.seed).sample(dialogues, round(cfg.safety_fraction * len(dialogues)))
+  rng = random.Random(ctx.seed)
+  drawn = rng.sample(dialogues, round(cfg.safety_fraction * len(dialogues)))
+  if cfg.safety_preprompt not in ("", "generic"):
+    raise ValueError(f'{where}.safety_preprompt must be "" or "generic", got '
+                     f"{cfg.safety_preprompt!r}")
+  if not cfg.safety_preprompt:
+    return drawn
+  if cfg.safety_data not in ctx.outputs:
+    raise ValueError(f"{where}.safety_preprompt needs safety_data to name a stage that wrote "
+                     f"safety/preprompts.json (the world), not a file")
+  generic = json.load(open(os.path.join(ctx.outputs[cfg.safety_data], "safety",
+                                        "preprompts.json")))["generic"]
+  return [(where_row, [{"role": "system", "content": rng.choice(generic)}]
+           + [m for m in messages if m["role"] != "system"]) for where_row, messages in drawn]
 
 
 def packed(cfg: Config, ctx, tokenizer: Tokenizer, split: str):
