@@ -169,7 +169,25 @@ def _count(rows) -> int:
   return len(next(iter(rows.values()))) if isinstance(rows, dict) else len(rows)
 
 
-class PackedBatches:
+class GrainBatches:
+  """Batches from a grain iterator (`self._iterator`), its position saved with checkpoints."""
+
+  _iterator: Iterator
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return self._iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(state)
+
+
+class PackedBatches(GrainBatches):
   """An endless, shuffled, resumable stream of batches over packed rows.
 
   `rows` is [N, T + 1] token rows (pretraining) or a dict of [N, T] arrays (packed chat data).
@@ -185,18 +203,6 @@ class PackedBatches:
                .map(lambda index: _to_batch(_take(rows, np.asarray(index)[start:stop]))))
     self._iterator = iter(dataset.to_iter_dataset())
     self.dropped: dict[str, int] = {}  # bad rows the reader skipped, by kind (BadRows.dropped)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
-
-  def get_state(self) -> dict:
-    return self._iterator.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self._iterator.set_state(state)
 
 
 def fixed_batches(rows, batch_size: int, count: int,

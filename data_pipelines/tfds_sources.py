@@ -3,12 +3,13 @@
   build("text", {"train": "corpus/", "eval": "held_out.jsonl"}, data_dir, "my_corpus")
   documents("my_corpus", "train", data_dir)        # -> [str], ready for text.pack_documents
 
-Four kinds, each validated by the same reader a JSONL file goes through (so a bad row fails with
+Five kinds, each validated by the same reader a JSONL file goes through (so a bad row fails with
 file:line:reason or, with a skipping `text.BadRows`, is dropped and counted before anything is
 written), and each record keeps `where`, the "file:line" it came from, so later errors (an
 example too long for seq_len) still name the source line:
 
   text         .txt files / {"text"} JSONL        -> {"where", "text"}
+  tokens       the same, tokenized                -> {"where", "tokens": int32 [n]} (no BOS/EOS)
   dialogues    {"messages": [...]} JSONL          -> {"where", "messages": {"role", "content"}}
   preferences  pairs, ours or HH-RLHF (preferences.py) -> {"where", "messages", "chosen",
                "rejected", "rating", "chosen_safe", "rejected_safe", "is_safety"}
@@ -36,7 +37,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import chat, preferences, text
 
-KINDS = ("text", "dialogues", "preferences", "prompts")
+KINDS = ("text", "tokens", "dialogues", "preferences", "prompts")
 PREFIX = "tfds:"  # a stage's data.source "tfds:NAME[@SPLIT]" names a prepared dataset
 
 
@@ -53,6 +54,7 @@ def _features(kind: str) -> tfds.features.FeaturesDict:
   messages = tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})
   fields = {
       "text": {"text": tfds.features.Text()},
+      "tokens": {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)},
       "dialogues": {"messages": messages},
       "preferences": {"messages": messages, "chosen": tfds.features.Text(),
                       "rejected": tfds.features.Text(), "rating": np.int32,
@@ -67,10 +69,13 @@ def _label(flag: bool | None) -> int:
   return -1 if flag is None else int(flag)
 
 
-def _examples(kind: str, source: str, bad: text.BadRows):
+def _examples(kind: str, source: str, bad: text.BadRows, encode=None):
   """(key, feature dict) for every valid row of `source`, in file order."""
   if kind == "text":
     rows = ({"where": where, "text": doc} for where, doc in text.text_rows(source, bad))
+  elif kind == "tokens":
+    rows = ({"where": where, "tokens": np.asarray(encode(doc), np.int32)}
+            for where, doc in text.text_rows(source, bad))
   elif kind == "dialogues":
     rows = ({"where": where, "messages": list(messages)}
             for where, messages in chat.read_dialogues(source, bad))
@@ -97,6 +102,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   KIND = "text"
   SOURCES: Mapping[str, str] = {}
   BAD: text.BadRows | None = None
+  TOKENIZER: str = ""
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -108,30 +114,42 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(path) for split, path in self.SOURCES.items()}
 
   def _generate_examples(self, path):
-    return _examples(self.KIND, path, self.BAD)
+    encode = None
+    if self.KIND == "tokens":
+      import sentencepiece  # token shards: the ids of each document, without BOS/EOS
+      encode = sentencepiece.SentencePieceProcessor(model_file=self.TOKENIZER).encode
+    return _examples(self.KIND, path, self.BAD, encode)
 
 
 def make_builder(kind: str, splits: Mapping[str, str] | str, data_dir: str, name: str,
-                 version: str = "1.0.0", bad: text.BadRows | None = None
+                 version: str = "1.0.0", bad: text.BadRows | None = None, tokenizer: str = ""
                  ) -> tfds.core.DatasetBuilder:
   """A TFDS builder writing `kind` records from `splits` (split -> file, directory or glob; a
-  plain string is the "train" split) as array_record under data_dir/name/version."""
+  plain string is the "train" split) as array_record under data_dir/name/version. "tokens"
+  records are text documents tokenized with `tokenizer` (a SentencePiece model path)."""
   if kind not in KINDS:
     raise ValueError(f"unknown source kind {kind!r}; kinds are {KINDS}")
+  if (kind == "tokens") != bool(tokenizer):
+    raise ValueError("kind 'tokens' needs a tokenizer, and only it takes one")
   splits = {"train": splits} if isinstance(splits, str) else dict(splits)
   cls = type("Builder", (_JsonlBuilder,),
              {"name": name, "VERSION": tfds.core.Version(version), "KIND": kind,
               "SOURCES": splits, "BAD": bad if bad is not None else text.BadRows(),
-              "__module__": __name__},
+              "TOKENIZER": tokenizer, "__module__": __name__},
              skip_registration=True)
   return cls(data_dir=data_dir, file_format="array_record")
 
 
 def build(kind: str, splits: Mapping[str, str] | str, data_dir: str, name: str,
-          version: str = "1.0.0", bad: text.BadRows | None = None) -> str:
+          version: str = "1.0.0", bad: text.BadRows | None = None, tokenizer: str = "") -> str:
   """Prepares the dataset (a no-op if this name and version exist already); returns its
-  directory. Bad rows go to `bad` (default: the first one fails the build, nothing written)."""
-  builder = make_builder(kind, splits, data_dir, name, version, bad)
+  directory. Bad rows go to `bad` (default: the first one fails the build, nothing written).
+
+  build("tokens", "corpus/*.jsonl", data_dir, "c4_ids", tokenizer="tokenizer.model") writes
+  pre-tokenized shards that a pretraining stage streams as `tfds:c4_ids` without tokenizing.
+  The examples are generated in this process (no Apache Beam: a corpus that needs a cluster
+  to tokenize is not served by this builder yet)."""
+  builder = make_builder(kind, splits, data_dir, name, version, bad, tokenizer)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return os.fspath(builder.data_path)
@@ -148,6 +166,9 @@ def _decode(value):
   if isinstance(value, np.generic):
     return value.item()
   return value
+
+
+decode = _decode  # public: the streaming reader decodes records the same way
 
 
 def _messages(columns: dict) -> list[dict]:

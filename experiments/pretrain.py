@@ -16,7 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import common
-from lm.stages import pretrain, tokenizer, world
+from lm.stages import data_sources, pretrain, tokenizer, world
 
 PRESETS = ("smoke", "tiny", "bench") + common.PAPER_SIZES
 
@@ -26,7 +26,7 @@ def pretrain_stage(preset: str) -> ml_collections.ConfigDict:
     cfg = pretrain.Config(
         model=common.model(preset, remat="full"),
         tokenizer="",  # path to Meta's tokenizer.model
-        data=common.data(source="", seq_len=4096, eval_batches=16),
+        data=data_sources.PretrainData(source="", seq_len=4096, eval_batches=16),
         # The 4M-token batch; 70B needs 4 micro-batches per step on v5p-512 (see `lm aot`).
         train=common.train(steps=common.PRETRAIN_STEPS, batch_size=1024, grad_accum=4,
                            log_every=10, eval_every=1000, checkpoint_every=1000),
@@ -34,13 +34,13 @@ def pretrain_stage(preset: str) -> ml_collections.ConfigDict:
   elif preset == "smoke":  # a minute on a laptop: generated token rows, no data files
     cfg = pretrain.Config(
         model=common.model("tiny", max_seq_len=64),
-        data=common.data(source="arithmetic", seq_len=64, eval_batches=2),
+        data=data_sources.PretrainData(source="arithmetic", seq_len=64, eval_batches=2),
         train=common.train(steps=60, batch_size=16, log_every=10, checkpoint_every=30),
         optimizer=common.optimizer(lr=3e-3, warmup_steps=6))
   elif preset == "bench":  # the benchmark shape, on generated rows over the full 32000 vocab
     cfg = pretrain.Config(
         model=common.model("bench-50M"),
-        data=common.data(source="arithmetic", seq_len=512, eval_batches=4),
+        data=data_sources.PretrainData(source="arithmetic", seq_len=512, eval_batches=4),
         train=common.train(steps=200, batch_size=16, log_every=10, checkpoint_every=100),
         optimizer=common.optimizer(lr=1e-3, warmup_steps=20))
   else:  # tiny: sized for 2 CPU cores (see MINIATURE.md)
@@ -48,7 +48,7 @@ def pretrain_stage(preset: str) -> ml_collections.ConfigDict:
         model=common.model("tiny", vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                            ffn_dim=384, max_seq_len=256),
         tokenizer="tokenizer",
-        data=common.data(source="world", seq_len=256, eval_batches=4),
+        data=data_sources.PretrainData(source="world", seq_len=256, eval_batches=4),
         train=common.train(steps=300, batch_size=16, log_every=20, checkpoint_every=100),
         optimizer=common.optimizer(lr=3e-3, warmup_steps=30))
   return common.section(cfg)

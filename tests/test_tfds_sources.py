@@ -151,20 +151,29 @@ def test_a_catalog_text_field_other_than_text(tmp_path):
                         [dialogs + ":1"])
 
 
-def test_a_stage_reads_a_tfds_source_as_it_reads_the_files(tmp_path):
-  from lm.stages import data_sources, kit
+def test_a_stage_reads_a_tfds_source_or_token_shards_as_it_reads_the_files(tmp_path):
+  from lm.stages import data_sources
   from lm.tokenizer import train_tokenizer
   docs = [f"Mira{i} lives in Velloran and keeps {i} foxes." for i in range(300)]
   jsonl(tmp_path / "c" / "train.jsonl", [{"text": d} for d in docs])
   tokenizer = train_tokenizer(docs, 320, tmp_path / "tokenizer.model")
   tfds_sources.build("text", str(tmp_path / "c"), str(tmp_path / "dd"), "stage_corpus")
+  # Pre-tokenized shards: the same documents as token ids, streamed without a tokenizer call.
+  tfds_sources.build("tokens", str(tmp_path / "c"), str(tmp_path / "dd"), "stage_ids",
+                     tokenizer=tokenizer.path)
+  ids = tfds_sources.records("stage_ids", "train", str(tmp_path / "dd"))
+  assert ids[1]["tokens"].tolist() == tokenizer.encode(docs[1])
   batches = {}
-  for source in (str(tmp_path / "c"), "tfds:stage_corpus@train"):
-    cfg = kit.DataConfig(source=source, seq_len=32, data_dir=str(tmp_path / "dd"))
+  for source in (str(tmp_path / "c"), "tfds:stage_corpus@train", "tfds:stage_ids@train"):
+    # In file order (a byte-chunked file and a record-chunked dataset shuffle differently) and
+    # with nothing held out, both must give the very same rows.
+    cfg = data_sources.PretrainData(source=source, seq_len=32, data_dir=str(tmp_path / "dd"),
+                                    shuffle_window=0, eval_fraction=0.0)
     stream = data_sources.pretrain_batches(cfg, tokenizer.path, tokenizer.vocab_size, 4, (0, 4),
                                            0, {})
     batches[source] = next(stream)["tokens"]
-  first, second = batches.values()
-  np.testing.assert_array_equal(first, second)
+  first, *others = batches.values()
+  for other in others:
+    np.testing.assert_array_equal(first, other)
   assert tfds_sources.parse_source("tfds:wiki/en:1.0.0@train[:10%]", "eval") == (
       "wiki/en:1.0.0", "train[:10%]")

@@ -20,7 +20,7 @@ class Config:
   model: configs.ModelConfig = configs.ModelConfig()
   init_from: str = ""
   tokenizer: str = ""
-  data: kit.DataConfig = kit.DataConfig()
+  data: data_sources.PretrainData = data_sources.PretrainData()
   train: trainer.TrainConfig = trainer.TrainConfig(steps=1000, batch_size=16)
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
   z_loss: float = 0.0
@@ -76,9 +76,13 @@ def run(cfg: Config, ctx: common.StageContext) -> dict:
       return roles.load("model", init_dir, mesh, head="lm", plan=cfg.plan).params
     return roles.create("model", model_cfg, mesh, plan=cfg.plan, seed=ctx.seed).params
 
-  result = kit.train(tr, ctx, model_cfg, params=initial_params, data=data, evaluate=evaluate_fn,
-                     seq_len=cfg.data.seq_len)
-  result.update(kit.dropped(data))
+  try:
+    result = kit.train(tr, ctx, model_cfg, params=initial_params, data=data,
+                       evaluate=evaluate_fn, seq_len=cfg.data.seq_len)
+    result.update(kit.dropped(data))
+  finally:
+    if hasattr(data, "close"):  # the streaming path's grain worker processes
+      data.close()
   return result
 
 

@@ -173,7 +173,37 @@ def _save(manager: checkpoints.Manager, state: TrainState, data: Stateful, force
   extra = {"step": state.step, "rng": state.rng, "nonfinite_in_a_row": state.nonfinite_in_a_row,
            "nonfinite_total": state.nonfinite_total}
   manager.save(int(state.step), state.params, state.opt_state, extra,
-               data={"iterator": json.dumps(data.get_state(), default=_jsonable)}, force=force)
+               data={"iterator": _data_state(data)}, force=force)
+
+
+PER_PROCESS = "__per_process__"
+
+
+def _data_state(data: Stateful) -> str:
+  """The data position as JSON: in a multi-process run, every process's, gathered (each host
+  reads its own shard, so positions differ, and Orbax writes JSON from the primary host only)."""
+  state = json.dumps(data.get_state(), default=_jsonable)
+  if jax.process_count() == 1:
+    return state
+  from jax.experimental import multihost_utils  # noqa: only multi-process runs need it
+  raw = np.frombuffer(state.encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size]))).ravel()
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return json.dumps({PER_PROCESS: [bytes(row[:n]).decode() for row, n in zip(rows, lengths)]})
+
+
+def _set_data_state(data: Stateful, saved: str) -> None:
+  """Restores this process's own position from what `_data_state` wrote."""
+  state = json.loads(saved)
+  if isinstance(state, dict) and PER_PROCESS in state:
+    states = state[PER_PROCESS]
+    if len(states) != jax.process_count():
+      raise ValueError(f"the checkpoint holds the data positions of {len(states)} processes; "
+                       f"this run has {jax.process_count()}: resume with the same process count")
+    state = json.loads(states[jax.process_index()])
+  data.set_state(state)
 
 
 def _jsonable(value):
@@ -201,7 +231,7 @@ def _restore_or_init(trainer: Trainer, manager: checkpoints.Manager, params, dat
       log(f"WARNING: checkpoint step {step} could not be restored ({type(e).__name__}: "
           f"{str(e)[:200]}); trying the previous one")
       continue
-    data.set_state(json.loads(restored["data"]["iterator"]))
+    _set_data_state(data, restored["data"]["iterator"])
     extra = restored["extra"]
     log(f"resumed from step {step}")
     return TrainState(restored["params"], restored["opt_state"], extra["step"], extra["rng"],
