@@ -23,7 +23,8 @@ def _eight_devices():
 
 # The longest files first, so that with `-n 2 --dist loadfile` (pytest.ini) the end-to-end chain
 # starts at once on one worker while the other works through the rest.
-LONGEST_FIRST = ("test_pipeline.py", "test_aot.py", "test_trainer.py", "test_ppo.py")
+LONGEST_FIRST = ("test_pipeline.py", "test_aot.py", "test_trainer.py", "test_ppo.py",
+                 "test_notebooks.py")  # the notebooks: 2-3 minutes, one kernel each
 
 
 def pytest_collection_modifyitems(items):
