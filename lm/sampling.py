@@ -37,10 +37,12 @@ class SamplingConfig:
   pad_id: int = 0
   # Run the layers one after another over per-layer weights split once per call, instead of
   # the model's scan, which on XLA:CPU copies every layer's weights out of the stack at every
-  # decode step (1.2x faster decode on CPU; the same tokens). None: on when `generate` runs on
-  # CPU devices and the model has at most UNROLL_MAX_LAYERS layers (compile time grows with
-  # depth); accelerators keep the scan. See `model.Transformer.hidden_states`.
-  unroll_layers: bool | None = None
+  # decode step (1.2x faster decode on CPU; the same tokens up to float rounding). None: on when
+  # `generate` runs on CPU devices and the model has at most UNROLL_MAX_LAYERS layers (compile
+  # time grows with depth); accelerators keep the scan. See `model.Transformer.hidden_states`.
+  # Off by default until the presets' learning figures are re-measured with it: rounding
+  # differences change which tokens a long chain of sampling stages draws.
+  unroll_layers: bool | None = False
 
   def __post_init__(self):
     if self.temperature < 0:

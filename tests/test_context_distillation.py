@@ -184,15 +184,13 @@ def test_safety_demonstrations_behind_a_preprompt_each_get_a_generic_one(tmp_pat
   ctx = common.StageContext("sft_preprompted", str(tmp_path / "out"), {"world": str(world)},
                             sharding.MeshConfig(), 0)
   cfg = dataclasses.replace(typed_config(llama2_chat.sft_stage("test"), "stages.sft"),
-                            safety_data="world", safety_preprompt="generic")
-  drawn = sft.safety_dialogues(cfg, ctx, text.BadRows(False))
+                            safety_data="world")
+  drawn = sft.safety_dialogues(cfg, ctx, text.BadRows(False), "generic")
   assert len(drawn) == 6
   for _, messages in drawn:
     assert messages[0]["role"] == "system" and messages[0]["content"] in PREPROMPTS["generic"]
     assert messages[1:] in demos
-  plain = sft.safety_dialogues(dataclasses.replace(cfg, safety_preprompt=""), ctx,
-                               text.BadRows(False))
+  plain = sft.safety_dialogues(cfg, ctx, text.BadRows(False))
   assert sorted(m[0]["content"] for _, m in plain) == sorted(m[0]["content"] for m in demos)
   with pytest.raises(ValueError, match="safety_preprompt must be"):
-    sft.safety_dialogues(dataclasses.replace(cfg, safety_preprompt="loud"), ctx,
-                         text.BadRows(False))
+    sft.safety_dialogues(cfg, ctx, text.BadRows(False), "loud")

@@ -137,7 +137,7 @@ def test_unrolled_layers_sample_what_the_scan_samples(tiny, on_mesh):
 
 def test_unrolling_is_on_for_cpu_arrays_only_and_within_the_depth_bound():
   _, params = model.create(CFG)
-  auto = sampling.SamplingConfig()
+  auto = sampling.SamplingConfig(unroll_layers=None)
   assert sampling.resolve_unroll(auto, CFG, params).unroll_layers is True
   deep = CFG.replace(n_layers=sampling.UNROLL_MAX_LAYERS + 1)
   assert sampling.resolve_unroll(auto, deep, params).unroll_layers is False

@@ -28,7 +28,7 @@ import os
 import jax
 import numpy as np
 
-from data_pipelines import streaming
+from data_pipelines import streaming, text
 from lm.evals import facts
 from lm.stages import kit
 from lm.tokenizer import Tokenizer
@@ -126,12 +126,27 @@ def _stream_config(data_cfg, batch_size: int, seed: int) -> streaming.StreamConf
       skip_bad_rows=data_cfg.skip_bad_rows, text_field=data_cfg.text_field)
 
 
-def _encoder(data_cfg, tokenizer_path: str | None):
+def _require_tokenizer(data_cfg, tokenizer_path: str | None) -> str:
   if not tokenizer_path:
     raise ValueError(f"data.source={data_cfg.source!r} is text and needs a tokenizer "
                      "(the stage's `tokenizer`: an earlier stage or a tokenizer.model path)")
-  tokenizer = Tokenizer(tokenizer_path)
+  return tokenizer_path
+
+
+def _encoder(data_cfg, tokenizer_path: str | None):
+  tokenizer = Tokenizer(_require_tokenizer(data_cfg, tokenizer_path))
   return streaming.SentencePieceEncoder(tokenizer_path), tokenizer.bos_id, tokenizer.eos_id
+
+
+def _stage_text_rows(data_cfg, tokenizer_path, outputs, split, bad: text.BadRows) -> np.ndarray:
+  """An earlier stage's text (the world's, a few MB) read whole and packed: [N, T + 1] rows.
+
+  The miniature keeps this in-memory path for now: the test chain's learning thresholds were
+  measured on its row order, and the streamed order gives another chain (issue 17, item 5)."""
+  path = os.path.join(outputs[data_cfg.source], "pretrain", f"{split}.jsonl")
+  tokenizer = Tokenizer(_require_tokenizer(data_cfg, tokenizer_path))
+  return text.pack_documents(text.tokenize_all(text.read_documents(path, bad), tokenizer.encode),
+                             data_cfg.seq_len, tokenizer.bos_id, tokenizer.eos_id)
 
 
 def pretrain_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_size: int,
@@ -140,6 +155,13 @@ def pretrain_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_siz
   batch, read from its own shard of the corpus."""
   if data_cfg.source == ARITHMETIC:
     return ArithmeticRows(vocab, data_cfg.seq_len, batch_size, seed, rows)
+  if data_cfg.source in outputs:
+    bad = text.BadRows(data_cfg.skip_bad_rows)
+    packed = _stage_text_rows(data_cfg, tokenizer_path, outputs, "train", bad)
+    stream = text.PackedBatches(packed, text.PackingConfig(data_cfg.seq_len, batch_size, seed,
+                                                           rows))
+    stream.dropped = bad.dropped
+    return stream
   corpus, split = _corpus(data_cfg, outputs, "train")
   encode, bos, eos = _encoder(data_cfg, tokenizer_path)
   return streaming.StreamingBatches(corpus, encode, bos, eos,
@@ -153,6 +175,10 @@ def eval_batches(data_cfg, tokenizer_path: str | None, vocab: int, batch_size: i
     # A seed no training run uses: held-out rows.
     stream = ArithmeticRows(vocab, data_cfg.seq_len, batch_size, seed=2**31 - 1, rows=rows)
     return [next(stream) for _ in range(data_cfg.eval_batches)]
+  if data_cfg.source in outputs:
+    packed = _stage_text_rows(data_cfg, tokenizer_path, outputs, "eval",
+                              text.BadRows(data_cfg.skip_bad_rows))
+    return text.fixed_batches(packed, batch_size, data_cfg.eval_batches, rows)
   corpus, split = _corpus(data_cfg, outputs, "eval")
   encode, bos, eos = _encoder(data_cfg, tokenizer_path)
   return streaming.fixed_batches(corpus, split, encode, bos, eos,

@@ -8,8 +8,9 @@ Config (`Config`): init_from (an earlier stage or model directory), tokenizer, d
 earlier stage that wrote sft/ data, e.g. "world", a path of dialogue JSONL, or "tfds:NAME[@SPLIT]"
 of a dialogues dataset under data_dir (data_pipelines/tfds_sources.py); eval_source; seq_len;
 eval_batches; skip_bad_rows), safety_data, safety_fraction and safety_preprompt (safety
-demonstrations mixed into the training split, §8.2), train, optimizer, z_loss, plan, rollout_plan. The model is the one in
-init_from (`lm aot` follows init_from through the experiment to find its shape).
+demonstrations mixed into the training split, §8.2), train, optimizer, z_loss, plan,
+rollout_plan. The model is the one in init_from (`lm aot` follows init_from through the
+experiment to find its shape).
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def _source(cfg: Config, ctx, split: str) -> str:
   return cfg.data.source if split == "train" else (cfg.data.eval_source or cfg.data.source)
 
 
-def safety_dialogues(cfg: Config, ctx, bad: text.BadRows) -> list:
-  """`safety_fraction` of the safety demonstrations, [(where, messages)], drawn with the seed."""
+def safety_dialogues(cfg, ctx, bad: text.BadRows, preprompt: str = "") -> list:
+  """`safety_fraction` of the safety demonstrations of `cfg` (SFT's or GAtt's config),
+  [(where, messages)], drawn with the seed, each behind a generic preprompt when `preprompt` is
+  "generic" (SFT's `safety_preprompt`)."""
   if not cfg.safety_data:
     return []
   where = f"stages.{ctx.name}"
@@ -84,10 +87,9 @@ def safety_dialogues(cfg: Config, ctx, bad: text.BadRows) -> list:
   dialogues = list(chat_data.read_dialogues(path, bad))
   rng = random.Random(ctx.seed)
   drawn = rng.sample(dialogues, round(cfg.safety_fraction * len(dialogues)))
-  if cfg.safety_preprompt not in ("", "generic"):
-    raise ValueError(f'{where}.safety_preprompt must be "" or "generic", got '
-                     f"{cfg.safety_preprompt!r}")
-  if not cfg.safety_preprompt:
+  if preprompt not in ("", "generic"):
+    raise ValueError(f'{where}.safety_preprompt must be "" or "generic", got {preprompt!r}')
+  if not preprompt:
     return drawn
   if cfg.safety_data not in ctx.outputs:
     raise ValueError(f"{where}.safety_preprompt needs safety_data to name a stage that wrote "
@@ -110,7 +112,7 @@ def packed(cfg: Config, ctx, tokenizer: Tokenizer, split: str):
   else:
     dialogues = chat_data.read_dialogues(source, bad)
   if split == "train":
-    report.mixed_in = len(safety := safety_dialogues(cfg, ctx, bad))
+    report.mixed_in = len(safety := safety_dialogues(cfg, ctx, bad, cfg.safety_preprompt))
     dialogues = itertools.chain(dialogues, safety)
   examples = chat_data.encode_examples(dialogues, tokenizer.encode_dialog, cfg.data.seq_len, bad)
   return chat_data.pack_examples(examples, cfg.data.seq_len, report), (report, bad)
