@@ -19,8 +19,8 @@ Decode and rollout are warmed up (compiled) first, then timed over --rounds roun
 round is reported. `--cores=N` pins every system to the same N CPUs (torch then runs N threads);
 on a machine another job keeps busy, `--cores=1` spares transformers the stalls of its parallel
 regions waiting for a descheduled thread (see the load average printed first).
-`--scan-layers` runs our decode and rollout with the layers scanned (on CPU they run unrolled by
-default, `SamplingConfig.unroll_layers`); `--dtype=bfloat16` runs them with bf16 weights and KV
+`--scan-layers` runs our decode and rollout with the layers scanned (else unrolled on CPU:
+`SamplingConfig.unroll_layers=None`); `--dtype=bfloat16` runs them with bf16 weights and KV
 cache (`rollout_dtype`; fp32 is the default everywhere). The last four lines are the ratios and
 the rollout rate, one `name: X` each (nan when skipped or failed).
 """
