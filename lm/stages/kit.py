@@ -116,7 +116,8 @@ def build_trainer(cfg, model_cfg: configs.ModelConfig, mesh, where: str, *, head
 
 def rollout_role(role: roles.Role, plan: str, dtype: str = "") -> roles.Role:
   """`role` laid out for generation: a copy on `plan` computing in `dtype` ("" keeps the
-  model's), or the role itself when it already is."""
+  model's), or the role itself when it already is. A stage's `rollout_dtype` "bfloat16" halves
+  the bytes each decode step reads (every weight, every step); its training state is untouched."""
   return roles.in_dtype(roles.move(role, role.mesh, plan), dtype)
 
 

@@ -118,9 +118,7 @@ class Config:
   z_loss: float = 0.0
   plan: str = sharding.DEFAULT_PLAN
   rollout_plan: str = "rollout"
-  # "bfloat16": generate with half-width weights and KV cache (decode reads every weight at
-  # every step); "" keeps the model's dtype. Training state is untouched.
-  rollout_dtype: str = ""
+  rollout_dtype: str = ""  # "bfloat16": generate with bf16 weights and KV cache (kit.rollout_role)
 
 
 def _samples_path(reference: str, ctx, field: str) -> str:

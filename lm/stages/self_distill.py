@@ -93,12 +93,17 @@ def run(cfg, ctx: common.StageContext, stage: Distillation, init_dir: str, token
   tr = kit.build_trainer(cfg, policy.model_cfg, mesh, where)
   checkpoints.write_model_info(ctx.directory, policy.model_cfg, "lm", tokenizer_path)
 
-  rows, counts = generated_rows(stage, ctx, kit.rollout_role(policy, cfg.rollout_plan, cfg.rollout_dtype), log)
+  def for_rollout(role: roles.Role) -> roles.Role:
+    return kit.rollout_role(role, cfg.rollout_plan, cfg.rollout_dtype)
+
+  sampler = for_rollout(policy)  # one rollout copy for the generation and the "before" metrics
+  rows, counts = generated_rows(stage, ctx, sampler, log)
   if not rows:
     raise ValueError(f"{where}: no example survived generation and filtering ({counts}); "
                      f"there is nothing to fine-tune on")
   before = cached(os.path.join(ctx.directory, BEFORE_FILE),
-                   lambda: stage.evaluate(kit.rollout_role(policy, cfg.rollout_plan, cfg.rollout_dtype), "before"))
+                  lambda: stage.evaluate(sampler, "before"))
+  del sampler  # not held through training
 
   held_out = max(1, int(len(rows) * cfg.data.eval_fraction))
   order = np.random.default_rng(ctx.seed).permutation(len(rows))
@@ -119,7 +124,7 @@ def run(cfg, ctx: common.StageContext, stage: Distillation, init_dir: str, token
 
   def evaluate_after(role: roles.Role) -> dict:
     after.clear()
-    after.update(stage.evaluate(kit.rollout_role(role, cfg.rollout_plan, cfg.rollout_dtype), "after"))
+    after.update(stage.evaluate(for_rollout(role), "after"))
     return after
 
   evaluate = kit.make_evaluate(policy, [tr.put_batch(b) for b in batches], evaluate_after)

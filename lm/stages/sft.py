@@ -112,7 +112,8 @@ def packed(cfg: Config, ctx, tokenizer: Tokenizer, split: str):
   else:
     dialogues = chat_data.read_dialogues(source, bad)
   if split == "train":
-    report.mixed_in = len(safety := safety_dialogues(cfg, ctx, bad, cfg.safety_preprompt))
+    safety = safety_dialogues(cfg, ctx, bad, cfg.safety_preprompt)
+    report.mixed_in = len(safety)
     dialogues = itertools.chain(dialogues, safety)
   examples = chat_data.encode_examples(dialogues, tokenizer.encode_dialog, cfg.data.seq_len, bad)
   return chat_data.pack_examples(examples, cfg.data.seq_len, report), (report, bad)
