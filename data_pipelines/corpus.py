@@ -42,6 +42,7 @@ class Shard:
 
   @property
   def chunks(self) -> int:
+    """How many chunks the shard is cut into (the last may be short)."""
     return -(-self.size // self.chunk) if self.size else 0
 
 
@@ -177,6 +178,9 @@ class Documents(grain.IterDataset):
 
 
 class DocumentsIterator(grain.DatasetIterator):
+  """The documents of `chunks` in order, one str each; its state (chunk, byte or record offset,
+  skip counts) resumes exactly."""
+
   def __init__(self, chunks, corpus: Corpus, skip: bool, field: str):
     super().__init__()
     self.chunks, self.shards, self.skip, self.field = chunks, corpus.shards, skip, field

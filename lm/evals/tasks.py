@@ -63,6 +63,7 @@ def _check_row(row, kind: str, path: str, line: int) -> None:
 
 
 def infer_kind(row: dict) -> str:
+  """"multiple_choice" for a row with "choices", else "generation"."""
   return "multiple_choice" if isinstance(row, dict) and "choices" in row else "generation"
 
 
