@@ -29,9 +29,10 @@ Params = Any  # a nested dict of arrays: the pure-dict form of the model's nnx.S
 class KVCache(NamedTuple):
   """Keys and values of every layer for S slots, and which slots are filled.
 
-  k, v: [L, B, S, K, H] in the compute dtype. segment_ids: [B, S] (0 = padding or not yet
-  written). index: scalar int32, the number of slots written so far (the same for every row:
-  prompts are left-padded, see lm/sampling.py).
+  k, v: [L, B, S, K, H] in the compute dtype, or (for the unrolled layer loop, `layers=`) a tuple
+  of L arrays [B, S, K, H]. segment_ids: [B, S] (0 = padding or not yet written). index: scalar
+  int32, the number of slots written so far (the same for every row: prompts are left-padded, see
+  lm/sampling.py).
   """
 
   k: jax.Array
@@ -44,12 +45,22 @@ CACHE_NAMES = ("layers", "batch", "cache_length", "act_kv_heads", None)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int,
-               rules: sharding.Rules = sharding.DEFAULT_RULES) -> KVCache:
+               rules: sharding.Rules = sharding.DEFAULT_RULES, per_layer: bool = False) -> KVCache:
   """An empty cache for `batch` rows and `length` slots, laid out by the plan's `rules` (rows
-  over the batch axes, KV heads over the tensor axis) when created under a mesh."""
-  shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+  over the batch axes, KV heads over the tensor axis) when created under a mesh.
+
+  `per_layer` keeps each layer's keys and values in an array of its own, for the unrolled layer
+  loop: a decode step then writes its new slot in place, where a stacked cache would be sliced
+  and stacked again (a copy of the whole cache per step).
+  """
   dtype = jnp.dtype(cfg.compute_dtype)
-  zeros = sharding.shard(jnp.zeros(shape, dtype), CACHE_NAMES, rules)
+  if per_layer:
+    layer = (batch, length, cfg.kv_heads, cfg.head_dim)
+    zeros = tuple(sharding.shard(jnp.zeros(layer, dtype), CACHE_NAMES[1:], rules)
+                  for _ in range(cfg.n_layers))
+  else:
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    zeros = sharding.shard(jnp.zeros(shape, dtype), CACHE_NAMES, rules)
   return KVCache(
       k=zeros, v=zeros, segment_ids=sharding.shard(jnp.zeros((batch, length), jnp.int32),
                                                    ("batch", "cache_length"), rules),
@@ -95,6 +106,17 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def project(spec: str, x: jax.Array, weight: nnx.Param) -> jax.Array:
+  """einsum(spec, x, weight) in x's dtype, accumulated in float32.
+
+  Asking for a float32 result keeps a bf16 x bf16 product in bf16 on every backend: XLA:CPU has
+  no bf16-output dot and would otherwise run it in float32 on a float32 copy of each weight (in a
+  decode loop, a copy hoisted out of the loop: bf16 weights would save no bytes).
+  """
+  out = jnp.einsum(spec, x, weight[...].astype(x.dtype), preferred_element_type=jnp.float32)
+  return out.astype(x.dtype)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention: N query heads share K key/value heads in contiguous groups."""
 
@@ -109,9 +131,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None):
     dtype = x.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dtype))
-    k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dtype))
-    v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
+    q = project("BTD,DNH->BTNH", x, self.wq)
+    k = project("BTD,DKH->BTKH", x, self.wk)
+    v = project("BTD,DKH->BTKH", x, self.wv)
     q = sharding.shard(q, ("batch", "length", "act_heads", None), self.rules)
     k = sharding.shard(k, ("batch", "length", "act_kv_heads", None), self.rules)
     v = sharding.shard(v, ("batch", "length", "act_kv_heads", None), self.rules)
@@ -131,7 +153,7 @@ class Attention(nnx.Module):
                       kv_segment_ids=cache_segment_ids, q_slots=q_slots)
       new_kv = (cache_k, cache_v)
     out = sharding.shard(out, ("batch", "length", "act_heads", None), self.rules)
-    return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype)), new_kv
+    return project("BTNH,NHD->BTD", out, self.wo), new_kv
 
 
 class FeedForward(nnx.Module):
@@ -145,11 +167,10 @@ class FeedForward(nnx.Module):
     self.w2 = _param(rngs, cfg, (f, d), ("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    dtype = x.dtype
-    gate = jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dtype))
-    up = jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dtype))
+    gate = project("BTD,DF->BTF", x, self.w1)
+    up = project("BTD,DF->BTF", x, self.w3)
     hidden = sharding.shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), self.rules)
-    return jnp.einsum("BTF,FD->BTD", hidden, self.w2[...].astype(dtype))
+    return project("BTF,FD->BTD", hidden, self.w2)
 
 
 class Block(nnx.Module):
@@ -229,6 +250,9 @@ class Transformer(nnx.Module):
     sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
     graphdef, layer_params = nnx.split(self.layers)
+    if cache is not None and isinstance(cache.k, tuple) and layers is None:
+      raise ValueError("a per-layer cache (init_cache(per_layer=True)) needs the unrolled layer "
+                       "loop: pass layers=split_layers(params)")
     if layers is not None:
       x, cache = _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, self.rules)
       return self.norm(x), cache
@@ -279,7 +303,10 @@ def _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, rules):
       keys.append(kv[0])
       values.append(kv[1])
   if cache is not None:
-    keys, values = (sharding.shard(jnp.stack(c), CACHE_NAMES, rules) for c in (keys, values))
+    if isinstance(cache.k, tuple):
+      keys, values = tuple(keys), tuple(values)
+    else:
+      keys, values = (sharding.shard(jnp.stack(c), CACHE_NAMES, rules) for c in (keys, values))
     cache = KVCache(keys, values, cache_segment_ids, cache.index + x.shape[1])
   return x, cache
 

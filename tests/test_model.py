@@ -108,6 +108,43 @@ def test_layers_run_one_after_another_compute_what_the_scan_computes():
                              atol=1e-5)
 
 
+def test_a_per_layer_cache_decodes_as_the_stacked_one_and_needs_the_unrolled_loop():
+  graphdef, params = model.create(CFG)
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
+  layers = model.split_layers(params)
+  step = jax.jit(lambda p, t, c, pos, layers: model.apply(graphdef, p, t, cache=c, positions=pos,
+                                                          layers=layers))
+  outputs = []
+  for per_layer in (False, True):
+    cache = model.init_cache(CFG, 2, 20, per_layer=per_layer)
+    assert isinstance(cache.k, tuple) == per_layer
+    logits, cache = step(params, tokens[:, :7], cache, jnp.broadcast_to(jnp.arange(7), (2, 7)),
+                         layers)
+    pieces = [logits]
+    for i in range(7, 12):
+      logits, cache = step(params, tokens[:, i:i + 1], cache, jnp.full((2, 1), i), layers)
+      pieces.append(logits)
+    assert isinstance(cache.k, tuple) == per_layer and int(cache.index) == 12
+    outputs.append(np.asarray(jnp.concatenate(pieces, 1)))
+  np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
+  with pytest.raises(ValueError, match="per-layer cache"):
+    model.apply(graphdef, params, tokens[:, :1], cache=model.init_cache(CFG, 2, 20, per_layer=True))
+
+
+def test_bfloat16_weights_are_multiplied_in_bfloat16():
+  # XLA:CPU has no bf16-output dot: a product asked in bf16 runs in fp32 on an fp32 copy of the
+  # weight, which a decode loop keeps beside the bf16 one. `project` asks for an fp32 result.
+  cfg = CFG.replace(compute_dtype="bfloat16", param_dtype="bfloat16")
+  graphdef, params = model.create(cfg)
+  tokens, _, _ = batch(cfg, b=2)
+  hlo = jax.jit(lambda p: model.apply(graphdef, p, tokens)[0]).lower(params).as_text()
+  dots = [line.split(" : (")[-1] for line in hlo.splitlines() if "dot_general" in line]
+  assert len(dots) == 10  # q, k, v, o, w1, w3, w2 (scanned: once), 2 in attention, the output
+  for types in dots:
+    operands, result = types.split(" -> ")
+    assert operands.count("xbf16>") == 2 and result.endswith("xf32>"), types
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   cfg = CFG.replace(compute_dtype="bfloat16")
   graphdef, params = model.create(cfg)
