@@ -52,8 +52,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   ) * (head_dim ** -0.5)
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
-  return out.astype(v.dtype).reshape(batch, q_len, n_heads, head_dim)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(batch, q_len, n_heads, head_dim)
 
 
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids) -> jax.Array:

@@ -107,14 +107,18 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 
 
 def project(spec: str, x: jax.Array, weight: nnx.Param) -> jax.Array:
-  """einsum(spec, x, weight) in x's dtype, accumulated in float32.
+  """einsum(spec, x, weight) in x's dtype.
 
-  Asking for a float32 result keeps a bf16 x bf16 product in bf16 on every backend: XLA:CPU has
-  no bf16-output dot and would otherwise run it in float32 on a float32 copy of each weight (in a
-  decode loop, a copy hoisted out of the loop: bf16 weights would save no bytes).
+  Weights stored in x's narrow dtype (a bf16 generation copy, `roles.in_dtype`) are multiplied
+  with a float32 result asked for, then rounded: XLA:CPU has no bf16-output dot and would run one
+  in float32 on a float32 copy of the weight, which a decode loop hoists and keeps beside the bf16
+  one (no byte saved). Training programs (float32 weights cast per use) are left as they were, so
+  the "dots" remat policies keep saving bf16 outputs.
   """
-  out = jnp.einsum(spec, x, weight[...].astype(x.dtype), preferred_element_type=jnp.float32)
-  return out.astype(x.dtype)
+  w = weight[...]
+  if w.dtype == x.dtype and x.dtype != jnp.float32:
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
 class Attention(nnx.Module):
