@@ -14,6 +14,10 @@ is passed through unchanged; the allocator in use is printed), fp32 unless `--dt
            token is a call for one new token (the prefill and the first pick).
   rollout  `lm.rollout.generate` on the tiny preset at GAtt's batch shape: 128 prompts of 90-110
            tokens, 48 new tokens, temperature 1.0 (top-p left at its default 0.9).
+  matmul   the ceiling under the train step: the fp32 products of its shapes (4096 rows of 512
+           against the 512 x 1536 MLP and 512 x 32000 output weights, forward and both
+           gradients), XLA:CPU against torch (oneDNN), GFLOP/s each; with the train step it
+           shows how much of a gap is the compiler's matmuls rather than our step.
 
 Decode and rollout are warmed up (compiled) first, then timed over --rounds rounds; the best
 round is reported. `--cores=N` pins every system to the same N CPUs (torch then runs N threads);
@@ -22,7 +26,8 @@ regions waiting for a descheduled thread (see the load average printed first).
 `--scan-layers` runs our decode and rollout with the layers scanned (else unrolled on CPU:
 `SamplingConfig.unroll_layers=None`); `--dtype=bfloat16` runs them with bf16 weights and KV
 cache (`rollout_dtype`; fp32 is the default everywhere). The last four lines are the ratios and
-the rollout rate, one `name: X` each (nan when skipped or failed).
+the rollout rate, one `name: X` each (nan when skipped or failed), with the matmul ceiling's ratio
+before the decode one.
 """
 
 from __future__ import annotations
@@ -139,14 +144,55 @@ def rollout_ours(rounds: int, opts) -> dict:
           "new_tokens": generated[-1]}
 
 
+# (rows, inner, outer) of the train step's products: the MLP's and the output projection's.
+MATMULS = ((4096, 512, 1536), (4096, 512, 32000))
+
+
+def _matmul_flops() -> float:
+  # Forward, input gradient and weight gradient: three products of the same size each.
+  return sum(3 * 2 * m * k * n for m, k, n in MATMULS)
+
+
+def matmul_ours(rounds: int, opts) -> dict:
+  del opts
+  import jax
+  import jax.numpy as jnp
+
+  keys = iter(jax.random.split(jax.random.key(0), 3 * len(MATMULS)))
+  operands = [(jax.random.normal(next(keys), (m, k)), jax.random.normal(next(keys), (k, n)),
+               jax.random.normal(next(keys), (m, n))) for m, k, n in MATMULS]
+
+  @jax.jit
+  def products(operands):
+    return [(x @ w, g @ w.T, x.T @ g) for x, w, g in operands]
+
+  seconds = timed(lambda: jax.block_until_ready(products(operands)), rounds)
+  return {"system": "XLA:CPU (jax)", "gflops_per_second": _matmul_flops() / seconds["best"] / 1e9}
+
+
+def matmul_torch(rounds: int, opts) -> dict:
+  del opts
+  import torch
+
+  torch.manual_seed(0)
+  operands = [(torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)) for m, k, n in MATMULS]
+
+  def products():
+    with torch.inference_mode():
+      return [(x @ w, g @ w.T, x.T @ g) for x, w, g in operands]
+
+  seconds = timed(products, rounds)
+  return {"system": "torch (oneDNN)", "gflops_per_second": _matmul_flops() / seconds["best"] / 1e9}
+
+
 def run_one(system: str, steps: int, rounds: int, opts) -> dict:
   shape = (TRAIN["preset"], TRAIN["batch"], TRAIN["seq"], steps)
   if system == "train-ours":
     return ours(*shape)
   if system in ("train-hf", "train-hf-compile"):
     return hf(*shape, system == "train-hf-compile")
-  return {"decode-ours": decode_ours, "decode-hf": decode_hf,
-          "rollout": rollout_ours}[system](rounds, opts)
+  return {"decode-ours": decode_ours, "decode-hf": decode_hf, "rollout": rollout_ours,
+          "matmul-ours": matmul_ours, "matmul-torch": matmul_torch}[system](rounds, opts)
 
 
 def ratio(ours_result: dict | None, theirs: dict | None) -> float:
@@ -189,7 +235,7 @@ def main():
         "steps after warm-up" + ("; ours with the layers scanned" if args.scan_layers else ""))
   systems = ["decode-ours", "decode-hf", "rollout"]
   if not args.skip_train:
-    systems = ["train-ours", "train-hf", "train-hf-compile"] + systems
+    systems = ["train-ours", "train-hf", "train-hf-compile", "matmul-ours", "matmul-torch"] + systems
   results = {}
   for system in systems:
     cmd = [sys.executable, os.path.abspath(__file__), f"--system={system}", f"--steps={steps}",
@@ -202,6 +248,11 @@ def main():
     if results.get(system):
       r = results[system]
       print(f"train  {r['system']:<30} {r['tokens_per_second']:>10,.0f} tokens/s")
+  for system in ("matmul-ours", "matmul-torch"):
+    if results.get(system):
+      r = results[system]
+      print(f"matmul {r['system']:<30} {r['gflops_per_second']:>10,.0f} GFLOP/s (the train "
+            "step's fp32 products)")
   decode = {}
   for system in ("decode-ours", "decode-hf"):
     if results.get(system):
@@ -222,6 +273,11 @@ def main():
   print(f"train_vs_torch_eager: {ratio(results.get('train-ours'), results.get('train-hf')):.2f}")
   print(f"train_vs_torch_compile: "
         f"{ratio(results.get('train-ours'), results.get('train-hf-compile')):.2f}")
+  ceiling = float("nan")
+  if results.get("matmul-ours") and results.get("matmul-torch"):
+    ceiling = (results["matmul-ours"]["gflops_per_second"]
+               / results["matmul-torch"]["gflops_per_second"])
+  print(f"matmul_xla_vs_torch: {ceiling:.2f}")
   print(f"decode_vs_hf_generate: "
         f"{ratio(decode.get('decode-ours'), decode.get('decode-hf')):.2f}")
   print(f"rollout_tokens_per_s: {rollout_rate:.2f}")

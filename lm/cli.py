@@ -7,6 +7,7 @@ chosen verb is imported, so verbs never see each other's flags.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from absl import app
@@ -27,6 +28,12 @@ VERBS = {
 # once jax.distributed is set up: asking for the backend before that starts it too early).
 COMPUTE_VERBS = ("eval", "chat", "sample", "score")
 
+# Compiled programs are kept here between processes (JAX's persistent compilation cache), so a
+# resumed run, a second chat session or a later stage with the same shapes skips compiling. Set
+# JAX_COMPILATION_CACHE_DIR to put it elsewhere; `lm` leaves a value already set alone.
+COMPILATION_CACHE = os.path.join("~", ".cache", "lm", "jax")
+CACHED_VERBS = COMPUTE_VERBS + ("run",)
+
 
 def usage() -> str:
   lines = ["usage: lm VERB [flags]   (lm VERB --help for the flags of a verb)", "", "verbs:"]
@@ -43,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
   if verb not in VERBS:
     print(f"lm: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
+  if verb in CACHED_VERBS:
+    # Before the verb imports jax, which reads the variable once.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(COMPILATION_CACHE))
   module = importlib.import_module(f"lm.commands.{verb}")
   if verb in COMPUTE_VERBS and not {"-h", "--help", "--helpfull"} & set(argv):
     from lm import hardware  # noqa: PLC0415 (imports jax, which `lm --help` need not)

@@ -35,14 +35,13 @@ class SamplingConfig:
   max_new_tokens: int = 128
   eos_id: int = 2
   pad_id: int = 0
-  # Run the layers one after another over per-layer weights split once per call, instead of
-  # the model's scan, which on XLA:CPU copies every layer's weights out of the stack at every
-  # decode step (1.2x faster decode on CPU; the same tokens up to float rounding). None: on when
-  # `generate` runs on CPU devices and the model has at most UNROLL_MAX_LAYERS layers (compile
-  # time grows with depth); accelerators keep the scan. See `model.Transformer.hidden_states`.
-  # Off by default until the presets' learning figures are re-measured with it: rounding
-  # differences change which tokens a long chain of sampling stages draws.
-  unroll_layers: bool | None = False
+  # Run the layers one after another over per-layer weights split once per call, with a cache
+  # array per layer written in place, instead of the model's scan, which on XLA:CPU copies every
+  # layer's weights out of the stack at every decode step (README, "Speed on CPU"; the same
+  # tokens up to float rounding). None: on when `generate` runs on CPU devices and the model has
+  # at most UNROLL_MAX_LAYERS layers (compile time grows with depth); accelerators keep the scan.
+  # See `model.Transformer.hidden_states`.
+  unroll_layers: bool | None = None
 
   def __post_init__(self):
     if self.temperature < 0:

@@ -77,3 +77,22 @@ def test_lm_sample_rejects_bad_requests():
   result = subprocess.run([sys.executable, "-m", "lm.cli", "sample", "--preset=tiny",
                            "--prompt_ids=1,999"], capture_output=True, text=True, env=env)
   assert result.returncode != 0 and "outside the vocabulary" in result.stderr
+
+
+def test_lm_keeps_compiled_programs_between_processes(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  # Every program counts here (JAX caches only those that took a second to compile by default).
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", HOME=str(tmp_path),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cache = tmp_path / ".cache" / "lm" / "jax"
+  command = [sys.executable, "-m", "lm.cli", "sample", "--preset=tiny", "--prompt_ids=1,5",
+             "--max_new_tokens=3"]
+  outputs, listings = [], []
+  for _ in range(2):
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs.append(result.stdout)
+    listings.append(sorted(p.name for p in cache.iterdir()))
+  # The first process filled the cache, the second found every program in it.
+  assert listings[0] and listings[1] == listings[0]
+  assert outputs[0] == outputs[1]
