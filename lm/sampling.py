@@ -131,7 +131,9 @@ def _pick(cfg: SamplingConfig, logits: jax.Array, rng: jax.Array):
 def _prefill(graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng, length,
              layers=None):
   """Runs the prompts into a fresh cache of `length` slots; samples each row's first token."""
-  cache = model_lib.init_cache(model_cfg, prompt_tokens.shape[0], length,
+  # The cache is laid out by the plan the model was built with (its graphdef carries the rules).
+  rules = nnx.merge(graphdef, params).rules
+  cache = model_lib.init_cache(model_cfg, prompt_tokens.shape[0], length, rules,
                                per_layer=layers is not None)
   positions = _positions(prompt_segment_ids)
   logits, cache = model_lib.apply(graphdef, params, prompt_tokens, positions=positions,

@@ -98,6 +98,22 @@ def test_generation_on_a_sharded_mesh_matches_one_device(tiny):
   assert out.tokens.tolist() == expected.tokens.tolist()
 
 
+def test_the_cache_is_laid_out_by_the_models_own_plan(tiny, monkeypatch):
+  _, params = tiny
+  seen = []
+  def recording_init_cache(*args, **kwargs):
+    seen.append(args[3] if len(args) > 3 else kwargs.get("rules", sharding.DEFAULT_RULES))
+    return init_cache(*args, **kwargs)
+  init_cache = model.init_cache
+  monkeypatch.setattr(model, "init_cache", recording_init_cache)
+  cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=2, eos_id=-1)
+  rollout_rules = sharding.plan_rules("rollout")
+  assert rollout_rules != sharding.DEFAULT_RULES
+  graphdef, _ = model.create(CFG, rules=rollout_rules)
+  sampling.generate(graphdef, CFG, params, *sampling.left_pad([[1, 5, 6]]), jax.random.key(0), cfg)
+  assert seen == [rollout_rules]
+
+
 def test_bad_requests_are_refused():
   with pytest.raises(ValueError, match="top_p"):
     sampling.SamplingConfig(top_p=0.0)
