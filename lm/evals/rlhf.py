@@ -92,6 +92,8 @@ def rs_report(name: str, directory: str, sweep: dict, before: dict, after: dict,
   rows = [("gold helpfulness (held-out prompts)", "gold_helpful"),
           ("gold safe-response rate", "gold_safe_rate"),
           ("refusals of helpful prompts", "refusal_rate_helpful"), ("RM reward", "rm_reward")]
+  if "rm_reward_sampled" in after:
+    rows.append(("RM reward of samples (not greedy)", "rm_reward_sampled"))
   parts += ["### Greedy replies to held-out prompts, before and after\n",
             "| | before | after |", "|---|---|---|"]
   parts += [f"| {label} | {before.get(key, 0):.3f} | {after.get(key, 0):.3f} |"

@@ -103,7 +103,8 @@ def evaluate_model(cfg: Config, ctx, inputs: Inputs, ranker: Ranker, model_dir: 
                             cfg.rollout_plan, cfg.rollout_dtype)
   return held_out_eval(policy, ranker, inputs.eval_prompts, cfg.eval.max_new_tokens,
                        cfg.eval.batch_size, os.path.join(ctx.directory, f"eval_{label}.jsonl"),
-                       inputs.lookalikes)
+                       inputs.lookalikes, cfg.eval.samples_per_prompt, cfg.eval.temperature,
+                       ctx.seed)
 
 
 def summary(results: dict[str, dict]) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 from lm import configs, hardware, model, optim, roles, rollout, sampling, sharding, trainer
 from lm.stages import kit, self_distill
 from lm.stages import ppo_experience as experience
-from lm.stages.best_of_k import Ranker, held_out_eval
+from lm.stages.best_of_k import Ranker, answer_sequences, held_out_eval, sampled_rewards
 
 
 class PPOModels:
@@ -131,11 +131,6 @@ def answer_rows(samples: rollout.Samples, seq_len: int | None = None) -> dict[st
   return rollout.training_rows(samples, longest if seq_len is None else min(seq_len, longest))
 
 
-def answer_sequences(samples: rollout.Samples) -> list[np.ndarray]:
-  """Each prompt + its answer (EOS included when reached), as the RMs read them."""
-  return [np.asarray(p + samples.answer(i), np.int32) for i, p in enumerate(samples.prompts)]
-
-
 def evaluate_policy(cfg, ctx, inputs, rollout_policy: roles.Role, policy: roles.Role,
                     reference: roles.Role, ranker: Ranker, when: str) -> dict:
   """Held-out prompts: greedy replies judged by the RMs and the gold scorers, and look-alike
@@ -160,17 +155,13 @@ def held_out_samples(rollout_policy: roles.Role, policy: roles.Role, reference: 
   `policy`) - log π_0 summed over the answer}. Per prompt in `path`, so two evaluations compare
   prompt by prompt."""
   k = cfg.eval.samples_per_prompt
-  tokens = [ranker.tokenizer.encode_dialog(list(p.messages)).tokens.tolist()
-            for p in prompts for _ in range(k)]
-  samples = rollout.generate(rollout_policy, tokens, sampling_cfg, jax.random.key(seed + 1),
-                             batch_size=cfg.eval.batch_size)
-  scores = ranker.models.score(answer_sequences(samples),
-                               [p.is_safety for p in prompts for _ in range(k)])
+  samples, rewards = sampled_rewards(rollout_policy, ranker, prompts, k, sampling_cfg,
+                                     jax.random.key(seed + 1), cfg.eval.batch_size)
   rows = answer_rows(samples)
   size = cfg.rollout.scoring_batch_size
   gap = experience.per_token(policy, rows, size) - experience.per_token(reference, rows, size)
   kl = np.sum(np.where(rows["answer_mask"] > 0, gap, 0.0), axis=1).reshape(len(prompts), k)
-  reward = scores["reward"].reshape(len(prompts), k).mean(axis=1)
+  reward = rewards.mean(axis=1)
   self_distill.write_jsonl(path, [{"reward": float(r), "kl": float(d)}
                                   for r, d in zip(reward, kl.mean(axis=1))])
   return {"rm_reward_sampled": float(np.mean(reward)), "kl_sampled": float(np.mean(kl))}

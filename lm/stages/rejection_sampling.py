@@ -93,12 +93,17 @@ class Eval:
   """Greedy replies to the held-out prompts (`data.eval_source`), judged by the gold scorers
   and the RMs; `max_prompts` > 0 keeps the first that many. `lookalikes`: benign prompts that
   look adversarial (JSONL prompts), answered greedily to count false refusals; "" for the
-  source stage's prompts/lookalikes.jsonl when it wrote one, "none" for no such count."""
+  source stage's prompts/lookalikes.jsonl when it wrote one, "none" for no such count.
+  `samples_per_prompt` > 0 also scores that many samples per held-out prompt at `temperature`
+  (rm_reward_sampled: the policy's distribution, which best-of-K fine-tuning moves, where
+  greedy replies also move under fine-tuning on unselected samples)."""
 
   max_new_tokens: int = 512
   batch_size: int = 64
   max_prompts: int = 0
   lookalikes: str = ""
+  samples_per_prompt: int = 0
+  temperature: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,10 +332,11 @@ class RejectionSampling:
   def evaluate(self, policy: roles.Role, when: str) -> dict:
     """Greedy replies to the held-out prompts and the look-alikes: gold scores, false refusals
     and the RMs' view of them; the replies go to DIR/eval_<when>.jsonl."""
-    return held_out_eval(policy, self.ranker, self.inputs.eval_prompts,
-                         self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size,
-                         os.path.join(self.ctx.directory, f"eval_{when}.jsonl"),
-                         self.inputs.lookalikes)
+    e = self.cfg.eval
+    return held_out_eval(policy, self.ranker, self.inputs.eval_prompts, e.max_new_tokens,
+                         e.batch_size, os.path.join(self.ctx.directory, f"eval_{when}.jsonl"),
+                         self.inputs.lookalikes, e.samples_per_prompt, e.temperature,
+                         self.ctx.seed)
 
 
 def run(cfg: Config, ctx, log=print) -> dict:
