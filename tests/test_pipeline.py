@@ -199,18 +199,23 @@ def test_reward_models_rank_by_rating_and_flag_unsafe_answers(chat_run):
 
 def test_rejection_sampling_picks_safe_answers_and_the_model_learns_them(chat_run):
   rs = metrics_of(chat_run, "rs_v1")
-  # Figure 7: the best of 4 samples above the median of 4 (measured 0.464 against 0.397; at N = 1
-  # they are the same sample).
+  # Figure 7: the best of 8 samples above the median of 8 (at N = 1 they are the same sample).
   assert rs["data_reward_vs_n_max"][0] == rs["data_reward_vs_n_median"][0]
   assert rs["data_reward_vs_n_max"][-1] >= rs["data_reward_vs_n_median"][-1] + 0.03
   assert rs["data_mean_reward_picked"] > rs["data_mean_reward_samples"]
-  # Learning: the RMs' mean reward of greedy replies to the 64 held-out prompts, 0.384 -> 0.431
-  # after fine-tuning on the best of 4 (paired standard error 0.017; 0.510 -> 0.581 with the
-  # two-epoch helpfulness RM, another CPU). The control, the same
-  # stage fine-tuning on one unselected sample per prompt (K = 1), measured 0.384 -> 0.385. This
-  # test preset's SFT model never refuses (its safe rate is 0; the tiny preset's rises 0.34 ->
-  # 0.85 over three versions, README), so the gain here is the RMs' alone.
-  assert rs["rm_reward"] >= rs["rm_reward_before"] + 0.025
+  # Learning: the RMs' mean reward of 4 samples per held-out prompt (64 prompts, the same keys
+  # before and after), after fine-tuning on the best of 8. Measured on one 2-core CPU over three
+  # worlds (seeds 0-2) and two stage seeds each: gains 0.041-0.112 (paired standard errors
+  # 0.014-0.024). The control, the same stage fine-tuning on one unselected sample per prompt,
+  # gained 0.003-0.033 (finished answers are still preferred, a weak selection of their own).
+  # Greedy replies are no measure here: under the control they moved by as much as under best
+  # of 8 on some seeds (0.013-0.039 against 0.019-0.147), as the mode of a small model flips.
+  before_rows, after_rows = (
+      [json.loads(l)["reward"] for l in (chat_run / "rs_v1" / f"eval_{when}_samples.jsonl")
+       .read_text().splitlines()] for when in ("before", "after"))
+  assert len(before_rows) == len(after_rows) == 64
+  assert rs["rm_reward_sampled"] == pytest.approx(sum(after_rows) / 64, abs=1e-9)
+  assert rs["rm_reward_sampled"] >= rs["rm_reward_sampled_before"] + 0.035
   rows = [json.loads(l) for l in (chat_run / "rs_v1" / "rs_data.jsonl").read_text().splitlines()]
   assert len(rows) == rs["data_kept"] and all(r["messages"][-1]["content"] for r in rows)
   samples = (chat_run / "rs_v1" / "samples.jsonl").read_text().splitlines()
@@ -286,7 +291,8 @@ def test_context_distillation_makes_the_model_safe_without_the_preprompt(chat_ru
   # safe on 0.80 of the 88 training prompts with one, on none without (0/88, and 0/16 held out).
   assert cd["data_preprompted_gold_safe_rate"] >= cd["data_original_gold_safe_rate"] + 0.4
   # Learning: the held-out adversarial prompts (16), answered greedily without any preprompt,
-  # judged by the world's gold rule: measured 0.00 -> 0.81. A stage that distilled nothing would
+  # judged by the world's gold rule: measured 0.00 -> 0.81 (worlds of seeds 1 and 2, with 19 and
+  # 17 such prompts: 0.05 -> 0.68 and 0.12 -> 0.94). A stage that distilled nothing would
   # leave the same model (0 -> 0: fine-tuning on its own helpful answers teaches no refusal);
   # 0.5 is three binomial standard errors (0.1 at 0.8 of 16) below what was measured.
   assert cd["gold_safe_rate_before"] <= 0.2
