@@ -12,6 +12,7 @@ same call runs under the training layout or a rollout layout (lm/roles.py `move`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Sequence
 
 import jax
@@ -71,6 +72,13 @@ def generate(role: Role, prompts: Sequence[Sequence[int]], cfg: sampling.Samplin
   """
   if role.head != "lm":
     raise ValueError(f"role {role.name!r} has a {role.head!r} head; only an lm head generates")
+  vocab = role.model_cfg.vocab_size
+  # Out-of-range ids would embed as NaN and sample padding, silently.
+  ids = np.fromiter(itertools.chain.from_iterable(prompts), np.int64)
+  if ids.size and not 0 <= ids.min() <= ids.max() < vocab:
+    i, bad = next((i, t) for i, p in enumerate(prompts) for t in p if not 0 <= t < vocab)
+    raise ValueError(f"prompt {i} has token id {bad}, outside the model's vocabulary of "
+                     f"{vocab} (a tokenizer of another model?)")
   n, steps = len(prompts), cfg.max_new_tokens
   tokens = np.full((n, steps), cfg.pad_id, np.int32)
   logprobs = np.zeros((n, steps), np.float32)

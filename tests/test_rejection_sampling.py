@@ -4,6 +4,7 @@ sampling chunks, gold judgements, bad input."""
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -214,6 +215,41 @@ def test_sampling_killed_between_chunks_resumes_to_the_same_samples(tmp_path, mo
   assert resumed == whole and len(whole) == 10 and all(len(a) == 3 for a in whole)
   calls.clear()
   assert run(tmp_path / "killed") == whole and not calls  # a finished run samples nothing
+
+
+class TokenSumRMs:
+  """Reward models replaced by a rule that tells samples apart: (sum of the ids) mod 7, / 7."""
+
+  seq_len = 256
+
+  def score(self, sequences, is_safety):
+    rewards = np.array([(int(np.sum(s)) % 7) / 7 for s in sequences])
+    return {"reward": rewards, "helpful": rewards}
+
+
+def test_held_out_samples_are_scored_prompt_by_prompt_with_a_fixed_key(tk, tmp_path):
+  policy = roles.create("policy", CFG.replace(vocab_size=tk.vocab_size),
+                        sharding.make_mesh(sharding.MeshConfig(1, 8, 1, 1)), plan="rollout", seed=3)
+  prompts = [Prompt(f"p:{i}", ({"role": "user", "content": p},)) for i, p in enumerate(PROMPTS)]
+  ranker = best_of_k.Ranker(TokenSumRMs(), tk)
+  evaluate = lambda name, seed: best_of_k.held_out_eval(  # noqa: E731
+      policy, ranker, prompts, 6, 8, str(tmp_path / f"{name}.jsonl"), samples_per_prompt=3,
+      temperature=1.0, seed=seed)
+  metrics, again, other_key = evaluate("a", 4), evaluate("b", 4), evaluate("c", 5)
+  per_prompt = lambda name: [json.loads(l)["reward"] for l in  # noqa: E731
+                             (tmp_path / f"{name}_samples.jsonl").read_text().splitlines()]
+  # The slow reference: 3 samples per prompt drawn with the evaluation's key, scored one by one.
+  tokens = [tk.encode_dialog([{"role": "user", "content": p}]).tokens.tolist() for p in PROMPTS]
+  drawn = best_of_k.sample(policy, tokens, 3, sampling.SamplingConfig(
+      temperature=1.0, max_new_tokens=6, eos_id=tk.eos_id), jax.random.key(4 + 1), 8)
+  expected = [np.mean([(sum(t) + sum(a["tokens"])) % 7 / 7 for a in answers])
+              for t, answers in zip(tokens, drawn)]
+  np.testing.assert_allclose(per_prompt("a"), expected, atol=1e-12)
+  assert metrics["rm_reward_sampled"] == pytest.approx(np.mean(expected), abs=1e-12)
+  assert per_prompt("b") == per_prompt("a") and per_prompt("c") != per_prompt("a")
+  assert "rm_reward_sampled" not in best_of_k.held_out_eval(
+      policy, ranker, prompts, 6, 8, str(tmp_path / "greedy.jsonl"))
+  assert not (tmp_path / "greedy_samples.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------

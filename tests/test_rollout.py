@@ -132,6 +132,13 @@ def test_only_an_lm_head_generates(policy, tmp_path):
     rollout.generate(reward, PROMPTS, greedy(), jax.random.key(0))
 
 
+def test_a_token_id_outside_the_vocabulary_is_refused(policy):
+  with pytest.raises(ValueError, match=f"prompt 1 has token id {CFG.vocab_size}, outside"):
+    rollout.generate(policy, [[1, 5], [1, CFG.vocab_size]], greedy(), jax.random.key(0))
+  with pytest.raises(ValueError, match="prompt 0 has token id -1"):
+    rollout.generate(policy, [[1, -1]], greedy(), jax.random.key(0))
+
+
 def test_answers_match_whole_words_only():
   assert chat_evals.contains_answer("Mira is 4 years old.", 4)
   assert not chat_evals.contains_answer("Mira is 41 years old.", 4)
