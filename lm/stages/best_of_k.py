@@ -18,6 +18,7 @@ import numpy as np
 from data_pipelines.world import safety as world_safety
 from lm import checkpoints, roles, rollout, sampling, scoring
 from lm.evals import rlhf as rlhf_evals
+from lm.stages import self_distill
 from lm.tokenizer import Tokenizer
 
 
@@ -121,13 +122,15 @@ def answer_sequences(samples: rollout.Samples) -> list[np.ndarray]:
 
 
 def sampled_rewards(policy: roles.Role, ranker: Ranker, prompts, k: int,
-                    cfg: sampling.SamplingConfig, rng: jax.Array, batch_size: int
+                    cfg: sampling.SamplingConfig, seed: int, batch_size: int
                     ) -> tuple[rollout.Samples, np.ndarray]:
-  """`k` answers per prompt drawn by `policy` under `cfg` with `rng`, each scored by the RMs as
-  it is (finished or not): (the samples, prompt-major, and their rewards [P, k])."""
+  """`k` answers per held-out prompt drawn by `policy` under `cfg` with a key fixed by `seed` (so
+  two evaluations draw alike), each scored by the RMs as it is (finished or not): (the samples,
+  prompt-major, and their rewards [P, k])."""
   tokens = [ranker.tokenizer.encode_dialog(list(p.messages)).tokens.tolist()
             for p in prompts for _ in range(k)]
-  samples = rollout.generate(policy, tokens, cfg, rng, batch_size=batch_size)
+  samples = rollout.generate(policy, tokens, cfg, jax.random.key(seed + 1),
+                             batch_size=batch_size)
   scores = ranker.models.score(answer_sequences(samples),
                                [p.is_safety for p in prompts for _ in range(k)])
   return samples, scores["reward"].reshape(len(prompts), k)
@@ -179,11 +182,11 @@ def held_out_eval(policy: roles.Role, ranker: Ranker, prompts, max_new_tokens: i
   if samples_per_prompt > 0:
     sampled_cfg = sampling.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens,
                                           eos_id=tokenizer.eos_id)
-    _, rewards = sampled_rewards(policy, ranker, prompts, samples_per_prompt, sampled_cfg,
-                                 jax.random.key(seed + 1), batch_size)
+    _, rewards = sampled_rewards(policy, ranker, prompts, samples_per_prompt, sampled_cfg, seed,
+                                 batch_size)
     per_prompt = rewards.mean(axis=1)
-    checkpoints.write_atomically(path.removesuffix(".jsonl") + "_samples.jsonl", "".join(
-        json.dumps({"reward": float(r)}) + "\n" for r in per_prompt))
+    self_distill.write_jsonl(path.removesuffix(".jsonl") + "_samples.jsonl",
+                             [{"reward": float(r)} for r in per_prompt])
     metrics["rm_reward_sampled"] = float(np.mean(per_prompt))
   return metrics
 

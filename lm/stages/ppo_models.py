@@ -155,8 +155,8 @@ def held_out_samples(rollout_policy: roles.Role, policy: roles.Role, reference: 
   `policy`) - log π_0 summed over the answer}. Per prompt in `path`, so two evaluations compare
   prompt by prompt."""
   k = cfg.eval.samples_per_prompt
-  samples, rewards = sampled_rewards(rollout_policy, ranker, prompts, k, sampling_cfg,
-                                     jax.random.key(seed + 1), cfg.eval.batch_size)
+  samples, rewards = sampled_rewards(rollout_policy, ranker, prompts, k, sampling_cfg, seed,
+                                     cfg.eval.batch_size)
   rows = answer_rows(samples)
   size = cfg.rollout.scoring_batch_size
   gap = experience.per_token(policy, rows, size) - experience.per_token(reference, rows, size)
