@@ -24,12 +24,18 @@ Builders are made per dataset name and not added to the TFDS registry, so a name
 directory under data_dir; `records` then loads a dataset by name from data_dir the same way it
 loads a TFDS catalog dataset a user has prepared there. Examples keep their file order
 (`disable_shuffling`), so a build is deterministic and `where` stays meaningful.
+
+`build(..., beam_runner="DirectRunner")` makes the examples in an Apache Beam pipeline run by
+TFDS (one file per element, tokenized in the workers) instead of a loop in this process: the
+same records, for a corpus that needs more than one process, or a cluster, to tokenize.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -39,6 +45,7 @@ from data_pipelines import chat, preferences, text
 
 KINDS = ("text", "tokens", "dialogues", "preferences", "prompts")
 PREFIX = "tfds:"  # a stage's data.source "tfds:NAME[@SPLIT]" names a prepared dataset
+_BAD_ROWS = "data_pipelines.tfds_sources.bad_rows"  # Beam metrics namespace, ":SPLIT" added
 
 
 def parse_source(source: str, default_split: str) -> tuple[str, str]:
@@ -69,27 +76,65 @@ def _label(flag: bool | None) -> int:
   return -1 if flag is None else int(flag)
 
 
-def _examples(kind: str, source: str, bad: text.BadRows, encode=None):
-  """(key, feature dict) for every valid row of `source`, in file order."""
+def _rows(kind: str, path: str, bad: text.BadRows, encode=None):
+  """The feature dict of every valid row of one file, in file order."""
+  source = glob.escape(path)  # the readers take a glob; a file's name is not a pattern
   if kind == "text":
-    rows = ({"where": where, "text": doc} for where, doc in text.text_rows(source, bad))
-  elif kind == "tokens":
-    rows = ({"where": where, "tokens": np.asarray(encode(doc), np.int32)}
+    return ({"where": where, "text": doc} for where, doc in text.text_rows(source, bad))
+  if kind == "tokens":
+    return ({"where": where, "tokens": np.asarray(encode(doc), np.int32)}
             for where, doc in text.text_rows(source, bad))
-  elif kind == "dialogues":
-    rows = ({"where": where, "messages": list(messages)}
+  if kind == "dialogues":
+    return ({"where": where, "messages": list(messages)}
             for where, messages in chat.read_dialogues(source, bad))
-  elif kind == "preferences":
-    rows = ({"where": p.where, "messages": list(p.messages), "chosen": p.chosen,
+  if kind == "preferences":
+    return ({"where": p.where, "messages": list(p.messages), "chosen": p.chosen,
              "rejected": p.rejected, "rating": p.rating, "chosen_safe": _label(p.chosen_safe),
              "rejected_safe": _label(p.rejected_safe), "is_safety": p.is_safety}
             for p in preferences.read_pairs(source, bad))
-  else:
-    rows = ({"where": p.where, "messages": list(p.messages), "is_safety": p.is_safety,
-             "category": p.category, "answer": p.answer}
-            for p in preferences.read_prompts(source, bad))
-  for index, row in enumerate(rows):
-    yield index, row
+  return ({"where": p.where, "messages": list(p.messages), "is_safety": p.is_safety,
+           "category": p.category, "answer": p.answer}
+          for p in preferences.read_prompts(source, bad))
+
+
+def _file_examples(kind: str, index: int, path: str, bad: text.BadRows, encode=None):
+  """(key, feature dict) for every valid row of `path`, the split's index-th file. Keys sort
+  by file, then row, and the writers order examples by key, so either writer (the loop or
+  Beam's) keeps the files' order."""
+  for row, example in enumerate(_rows(kind, path, bad, encode)):
+    yield (index << 32) | row, example
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder(tokenizer: str):
+  """A SentencePiece model's encode (ids without BOS/EOS), loaded once per process: the loop
+  loads it once, each Beam worker once, from the path it was shipped."""
+  import sentencepiece
+  return sentencepiece.SentencePieceProcessor(model_file=tokenizer).encode
+
+
+def _worker_examples(element: tuple[int, str], kind: str, split: str, skip: bool,
+                     tokenizer: str):
+  """The examples of one (index, file) element, made in a Beam worker. Its dropped rows are
+  reported as a Beam distribution per reason (count: how many; min: the earliest file),
+  which `_JsonlBuilder._process_pipeline_result` adds to the builder's BadRows."""
+  index, path = element
+  bad = text.BadRows(skip)  # raising (not skipping) fails the pipeline with file:line: reason
+  yield from _file_examples(kind, index, path, bad, _encoder(tokenizer) if tokenizer else None)
+  metrics = tfds.core.lazy_imports.apache_beam.metrics.Metrics
+  for reason, count in bad.dropped.items():
+    files = metrics.distribution(f"{_BAD_ROWS}:{split}", reason)
+    for _ in range(count):
+      files.update(index)
+
+
+def _beam_examples(kind: str, split: str, files: list[str], skip: bool, tokenizer: str):
+  """A PTransform making the examples of `files` in Beam workers, one element per file."""
+  beam = tfds.core.lazy_imports.apache_beam
+  return (beam.Create(list(enumerate(files)))
+          # Without it a runner may fuse the reading into Create and give all files to one worker.
+          | "OneFilePerWorker" >> beam.Reshuffle()
+          | "Examples" >> beam.FlatMap(_worker_examples, kind, split, skip, tokenizer))
 
 
 class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -103,6 +148,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   SOURCES: Mapping[str, str] = {}
   BAD: text.BadRows | None = None
   TOKENIZER: str = ""
+  BEAM = False  # generate the examples in a Beam pipeline (build's beam_runner)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -111,22 +157,43 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing is downloaded: the sources are local files
-    return {split: self._generate_examples(path) for split, path in self.SOURCES.items()}
+    return {split: self._generate_examples(split, path) for split, path in self.SOURCES.items()}
 
-  def _generate_examples(self, path):
-    encode = None
-    if self.KIND == "tokens":
-      import sentencepiece  # token shards: the ids of each document, without BOS/EOS
-      encode = sentencepiece.SentencePieceProcessor(model_file=self.TOKENIZER).encode
-    return _examples(self.KIND, path, self.BAD, encode)
+  def _generate_examples(self, split, path):
+    files = text.document_files(path)
+    if self.BEAM:  # TFDS runs a PTransform (not a generator) as a Beam pipeline
+      return _beam_examples(self.KIND, split, files, self.BAD.skip, self.TOKENIZER)
+    encode = _encoder(self.TOKENIZER) if self.TOKENIZER else None
+    return (example for index, file in enumerate(files)
+            for example in _file_examples(self.KIND, index, file, self.BAD, encode))
+
+  def _process_pipeline_result(self, pipeline_result):
+    """Adds the rows the Beam workers dropped to BAD: per reason, the count and the first one
+    (in split, then file order), re-read from the earliest file that dropped one."""
+    beam = tfds.core.lazy_imports.apache_beam
+    for split, path in self.SOURCES.items():
+      found = pipeline_result.metrics().query(
+          beam.metrics.MetricsFilter().with_namespace(f"{_BAD_ROWS}:{split}"))
+      for result in found["distributions"]:
+        # Committed: a retried bundle's attempts are not counted twice.
+        reason, files = result.key.metric.name, result.committed or result.attempted
+        self.BAD.dropped[reason] = self.BAD.dropped.get(reason, 0) + files.count
+        if reason not in self.BAD.first:
+          # The tokenizer cannot drop a row: read a "tokens" file as "text".
+          earliest, probe = text.document_files(path)[files.min], text.BadRows(skip=True)
+          for _ in _rows("text" if self.KIND == "tokens" else self.KIND, earliest, probe):
+            pass
+          self.BAD.first[reason] = probe.first[reason]
 
 
 def make_builder(kind: str, splits: Mapping[str, str] | str, data_dir: str, name: str,
-                 version: str = "1.0.0", bad: text.BadRows | None = None, tokenizer: str = ""
-                 ) -> tfds.core.DatasetBuilder:
+                 version: str = "1.0.0", bad: text.BadRows | None = None, tokenizer: str = "",
+                 beam: bool = False) -> tfds.core.DatasetBuilder:
   """A TFDS builder writing `kind` records from `splits` (split -> file, directory or glob; a
   plain string is the "train" split) as array_record under data_dir/name/version. "tokens"
-  records are text documents tokenized with `tokenizer` (a SentencePiece model path)."""
+  records are text documents tokenized with `tokenizer` (a SentencePiece model path). With
+  `beam`, the examples come from a Beam pipeline (prepare it with a DownloadConfig's
+  beam_runner, as `build` does)."""
   if kind not in KINDS:
     raise ValueError(f"unknown source kind {kind!r}; kinds are {KINDS}")
   if (kind == "tokens") != bool(tokenizer):
@@ -135,23 +202,42 @@ def make_builder(kind: str, splits: Mapping[str, str] | str, data_dir: str, name
   cls = type("Builder", (_JsonlBuilder,),
              {"name": name, "VERSION": tfds.core.Version(version), "KIND": kind,
               "SOURCES": splits, "BAD": bad if bad is not None else text.BadRows(),
-              "TOKENIZER": tokenizer, "__module__": __name__},
+              "TOKENIZER": tokenizer, "BEAM": beam, "__module__": __name__},
              skip_registration=True)
   return cls(data_dir=data_dir, file_format="array_record")
 
 
 def build(kind: str, splits: Mapping[str, str] | str, data_dir: str, name: str,
-          version: str = "1.0.0", bad: text.BadRows | None = None, tokenizer: str = "") -> str:
+          version: str = "1.0.0", bad: text.BadRows | None = None, tokenizer: str = "",
+          beam_runner: str | None = None, beam_options: Sequence[str] = ()) -> str:
   """Prepares the dataset (a no-op if this name and version exist already); returns its
   directory. Bad rows go to `bad` (default: the first one fails the build, nothing written).
 
   build("tokens", "corpus/*.jsonl", data_dir, "c4_ids", tokenizer="tokenizer.model") writes
   pre-tokenized shards that a pretraining stage streams as `tfds:c4_ids` without tokenizing.
-  The examples are generated in this process (no Apache Beam: a corpus that needs a cluster
-  to tokenize is not served by this builder yet)."""
-  builder = make_builder(kind, splits, data_dir, name, version, bad, tokenizer)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+  By default a loop in this process makes the examples. With `beam_runner` ("DirectRunner",
+  "FnApiRunner", "DataflowRunner", ...; needs the "beam" extra) TFDS makes them in an Apache
+  Beam pipeline instead: one element per file (so one huge file is one worker's work), read,
+  checked and tokenized in a worker that loads the tokenizer from its path. `beam_options` are
+  Beam's flags (["--direct_num_workers=2", "--direct_running_mode=multi_processing"]); every
+  worker must open the same source, tokenizer and data_dir paths. The records, and their
+  order, are the loop's (keys sort by file, then row); only the shard boundaries may differ.
+  What differs for bad rows: failing, the build stops at the bad row some worker met first
+  (not necessarily the earliest), the DataError's message suffixed with the Beam step;
+  skipping, `bad` gets the workers' counts (Beam metrics) when the pipeline has finished, and
+  per reason the first one, re-read here from the earliest file that dropped one."""
+  if beam_options and beam_runner is None:
+    raise ValueError("beam_options need a beam_runner")
+  config = tfds.download.DownloadConfig(try_download_gcs=False)
+  if beam_runner is not None:
+    options = tfds.core.lazy_imports.apache_beam.options.pipeline_options
+    config = tfds.download.DownloadConfig(
+        try_download_gcs=False, beam_runner=beam_runner,
+        beam_options=options.PipelineOptions(list(beam_options)))
+  builder = make_builder(kind, splits, data_dir, name, version, bad, tokenizer,
+                         beam=beam_runner is not None)
+  builder.download_and_prepare(download_config=config)
   return os.fspath(builder.data_path)
 
 

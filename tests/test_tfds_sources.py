@@ -177,3 +177,51 @@ def test_a_stage_reads_a_tfds_source_or_token_shards_as_it_reads_the_files(tmp_p
     np.testing.assert_array_equal(first, other)
   assert tfds_sources.parse_source("tfds:wiki/en:1.0.0@train[:10%]", "eval") == (
       "wiki/en:1.0.0", "train[:10%]")
+
+
+# The runner DirectRunner falls back to here: DirectRunner first fetches Beam's Prism runner, a
+# binary downloaded from GitHub at run time, which a test must not depend on.
+BEAM_RUNNER = "FnApiRunner"
+
+
+def test_a_beam_build_holds_the_loop_build_examples_and_streams_the_same(tmp_path):
+  from lm.stages import data_sources
+  from lm.tokenizer import train_tokenizer
+  docs = [f"Mira{i} lives in Velloran and keeps {i} foxes." for i in range(300)]
+  for part in range(3):
+    jsonl(tmp_path / "c" / f"part{part}.jsonl", [{"text": d} for d in docs[part::3]])
+  with open(tmp_path / "c" / "part0.jsonl", "ab") as f:
+    f.write(b'{"text": ""}\n')
+  with open(tmp_path / "c" / "part1.jsonl", "ab") as f:
+    f.write(b'{"text": "broken"\n')
+  tokenizer = train_tokenizer(docs, 320, tmp_path / "tokenizer.model")
+  splits = {"train": str(tmp_path / "c"), "eval": str(tmp_path / "c" / "part0.jsonl")}
+  data_dir, bad = str(tmp_path / "dd"), {}
+  for name, runner in (("ids_loop", None), ("ids_beam", BEAM_RUNNER)):
+    bad[name] = BadRows(skip=True)
+    tfds_sources.build("tokens", splits, data_dir, name, bad=bad[name], tokenizer=tokenizer.path,
+                       beam_runner=runner)
+  assert "tensorflow" not in sys.modules
+  for split in splits:
+    loop, beam = ([(r["where"], r["tokens"].tolist())
+                   for r in tfds_sources.records(name, split, data_dir)]
+                  for name in ("ids_loop", "ids_beam"))
+    # The same examples, and even in the same order: both writers sort them by (file, row).
+    assert beam == loop and len(loop) == {"train": 300, "eval": 100}[split]
+  assert bad["ids_beam"].dropped == bad["ids_loop"].dropped == {"empty text": 2,
+                                                                "malformed JSON": 1}
+  assert bad["ids_beam"].first == bad["ids_loop"].first
+  assert bad["ids_beam"].first["empty text"].endswith("part0.jsonl:101: empty 'text'")
+  batches = []
+  for name in ("ids_loop", "ids_beam"):
+    cfg = data_sources.PretrainData(source=f"tfds:{name}@train", seq_len=32, data_dir=data_dir,
+                                    shuffle_window=0, eval_fraction=0.0)
+    stream = data_sources.pretrain_batches(cfg, tokenizer.path, tokenizer.vocab_size, 4, (0, 4),
+                                           0, {})
+    batches.append(next(stream)["tokens"])
+  np.testing.assert_array_equal(*batches)
+  # Failing on a bad row still names its file and line; nothing is written.
+  with pytest.raises(DataError, match=r"part1.jsonl:101: malformed JSON"):
+    tfds_sources.build("text", str(tmp_path / "c" / "part1.jsonl"), data_dir, "broken",
+                       beam_runner=BEAM_RUNNER)
+  assert not os.path.exists(os.path.join(data_dir, "broken", "1.0.0", "dataset_info.json"))
