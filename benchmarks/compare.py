@@ -1,13 +1,14 @@
 """Ours against Hugging Face transformers (PyTorch): train step, decoding, and rollout throughput.
 
   python benchmarks/compare.py [--quick] [--skip-train] [--steps=N] [--rounds=N] [--cores=N]
-                               [--scan-layers] [--dtype=bfloat16]
+                               [--scan-layers] [--dtype=bfloat16] [--attention=xla]
 
 Each measurement runs in its own subprocess with the same environment and allocator (LD_PRELOAD
 is passed through unchanged; the allocator in use is printed), fp32 unless `--dtype` says:
 
   train    benchmarks/train_step.py's workload: bench-50M, batch 8 x 512, AdamW; tokens/s is the
-           mean over --steps steps after warm-up (that script's own measurement).
+           mean over --steps steps after warm-up (that script's own measurement). Ours with
+           `--attention` ("blocked", the CPU presets' choice, or the "xla" reference).
   decode   bench-50M with the same random-weight shape on both sides, batch 8, a 64-token prompt,
            128 new tokens, greedy: `lm.sampling.generate` against transformers' `generate` with
            its KV cache. New tokens/s counts the whole call (prefill included); time to first
@@ -188,7 +189,7 @@ def matmul_torch(rounds: int, opts) -> dict:
 def run_one(system: str, steps: int, rounds: int, opts) -> dict:
   shape = (TRAIN["preset"], TRAIN["batch"], TRAIN["seq"], steps)
   if system == "train-ours":
-    return ours(*shape)
+    return ours(*shape, opts.attention)
   if system in ("train-hf", "train-hf-compile"):
     return hf(*shape, system == "train-hf-compile")
   return {"decode-ours": decode_ours, "decode-hf": decode_hf, "rollout": rollout_ours,
@@ -213,6 +214,8 @@ def main():
                       help="our decode and rollout with the layers scanned, not unrolled")
   parser.add_argument("--dtype", default="", choices=("", "bfloat16"),
                       help="our decode and rollout weights and KV cache (rollout_dtype)")
+  parser.add_argument("--attention", default="blocked", choices=("xla", "blocked"),
+                      help="our train step's attention (lm/attention.py)")
   parser.add_argument("--system", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   steps = args.steps or (2 if args.quick else 10)
@@ -239,7 +242,7 @@ def main():
   results = {}
   for system in systems:
     cmd = [sys.executable, os.path.abspath(__file__), f"--system={system}", f"--steps={steps}",
-           f"--rounds={rounds}", f"--dtype={args.dtype}"]
+           f"--rounds={rounds}", f"--dtype={args.dtype}", f"--attention={args.attention}"]
     cmd += ["--scan-layers"] if args.scan_layers else []
     cmd += [f"--cores={args.cores}"] if args.cores else []
     results[system] = run_system(cmd, system)

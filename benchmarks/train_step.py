@@ -1,6 +1,7 @@
 """Train-step throughput, ours against Hugging Face transformers (PyTorch), side by side.
 
   python benchmarks/train_step.py [--preset=bench-50M] [--batch=8] [--seq=512] [--steps=10]
+                                  [--attention=xla|blocked]
 
 Each system runs in its own subprocess with the same environment and allocator (LD_PRELOAD is
 passed through unchanged; the allocator in use is printed), on the same model shape, batch and
@@ -20,14 +21,15 @@ import time
 RESULT = "RESULT "
 
 
-def ours(preset: str, batch: int, seq: int, steps: int) -> dict:
+def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from lm import configs, hardware, losses, model, optim, sharding, trainer
 
-  cfg = configs.get_preset(preset, compute_dtype="float32", remat="none", max_seq_len=max(seq, 128))
+  cfg = configs.get_preset(preset, compute_dtype="float32", remat="none", max_seq_len=max(seq, 128),
+                           attention=attention)
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
   graphdef, params = model.create(cfg, mesh)
 
@@ -51,7 +53,8 @@ def ours(preset: str, batch: int, seq: int, steps: int) -> dict:
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
   flops = hardware.flops_per_token(configs.param_count(cfg), cfg.n_layers, seq, cfg.dim)
-  return {"system": "ours (JAX)", "tokens_per_second": batch * seq / seconds,
+  return {"system": f"ours (JAX, {attention} attention)",
+          "tokens_per_second": batch * seq / seconds,
           "gflops_per_second": batch * seq * flops / seconds / 1e9}
 
 
@@ -124,10 +127,14 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--system", choices=["ours", "hf", "hf-compile"], default=None)
   parser.add_argument("--skip-compile", action="store_true", help="skip torch.compile (slow)")
+  parser.add_argument("--attention", default="xla", help="our attention (lm/attention.py)")
   args = parser.parse_args()
   if args.system:
     shape = (args.preset, args.batch, args.seq, args.steps)
-    result = ours(*shape) if args.system == "ours" else hf(*shape, args.system == "hf-compile")
+    if args.system == "ours":
+      result = ours(*shape, args.attention)
+    else:
+      result = hf(*shape, args.system == "hf-compile")
     print(RESULT + json.dumps(result))
     return
   print(f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, AdamW; allocator: "
@@ -136,7 +143,8 @@ def main():
   results = []
   for system in systems:
     cmd = [sys.executable, __file__, f"--system={system}", f"--preset={args.preset}",
-           f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}"]
+           f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
+           f"--attention={args.attention}"]
     result = run_system(cmd, system)
     if result:
       results.append(result)

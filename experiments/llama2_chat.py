@@ -309,6 +309,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       # to 0.83 depending on the machine's float sums; with 1000 it is past 0.9 by step 600.
       c.stages.pretrain.train.batch_size = 8
       c.stages.pretrain.train.steps = 1000
+      # Every later model inherits it (model.json). The test preset keeps the reference, "xla":
+      # its learning thresholds were measured on that attention's float sums.
+      c.stages.pretrain.model.attention = "blocked"
   if preset in ("13b", "34b", "70b"):
     # SFT and GAtt steps (and GAtt's sampling) take 64 rows, which the batch axes split at most
     # 64 ways: on the 256-chip slices these sizes use (v5e-256, v5p-512) the remaining factor of

@@ -1,6 +1,9 @@
-"""Causal grouped-query attention behind one signature, with three implementations.
+"""Causal grouped-query attention behind one signature, with four implementations.
 
   xla     the reference: einsums and a float32 softmax, any mask, any device.
+  blocked the reference's math one block of queries at a time, each against only the keys at
+          or before it, heads leading (XLA:CPU batches its products faster that way): on a
+          2-core CPU a third of the reference's time, fwd+bwd, at T = 512.
   cudnn   `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs; XLA elsewhere).
   splash  the Pallas TPU splash-attention kernel (interpret mode off TPU, for tests).
 
@@ -19,6 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lm import sharding
+from lm.configs import ATTENTION_IMPLS
 
 # Large but finite, so a row whose keys are all masked (padding) gives a harmless uniform average
 # rather than NaN.
@@ -54,6 +58,33 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
   return out.reshape(batch, q_len, n_heads, head_dim)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+                      kv_segment_ids: jax.Array, block: int) -> jax.Array:
+  """Causal self-attention (T == S, slots 0..T-1) in query blocks of `block`: block i's scores
+  are [.., block, (i + 1) * block], so the keys after it (masked anyway) are never computed,
+  about (1 + 1/blocks) / 2 of the reference's products. The softmax is the reference's, over
+  the same unmasked keys. q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H]."""
+  batch, length, n_heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  # Heads before positions: each score product is then a batch of contiguous [block, H] x
+  # [H, S] matrices.
+  q = q.reshape(batch, length, kv_heads, n_heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  slots = jnp.arange(length)
+  outs = []
+  for start in range(0, length, block):
+    stop = min(start + block, length)
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q[:, :, :, start:stop], k[:, :, :stop],
+                        preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    mask = make_mask(q_segment_ids[:, start:stop], kv_segment_ids[:, :stop], slots[start:stop],
+                     slots[:stop])
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    outs.append(jnp.einsum("BKGTS,BKSH->BKGTH", probs, v[:, :, :stop]))
+  out = jnp.concatenate(outs, axis=3)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, n_heads, head_dim)
 
 
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids) -> jax.Array:
@@ -119,7 +150,7 @@ def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *,
     q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
     q_slots: jax.Array | None = None, impl: str = "xla",
-    rules: sharding.Rules = sharding.DEFAULT_RULES,
+    rules: sharding.Rules = sharding.DEFAULT_RULES, block: int = 64,
 ) -> jax.Array:
   """Causal attention with segment masking.
 
@@ -128,8 +159,9 @@ def attention(
     q_segment_ids: [B, T]; kv_segment_ids: [B, S]. Equal ids attend; 0 is padding.
     q_slots: [B, T] or [T], each query's slot among the S keys. None means self-attention over
       the same T positions (T == S), the case the fused kernels implement.
-    impl: "xla", "cudnn" or "splash"; with `q_slots` given, "xla" is always used.
+    impl: "xla", "blocked", "cudnn" or "splash"; with `q_slots` given, "xla" is always used.
     rules: the sharding plan, for the kernels that run per shard (splash).
+    block: the query block of "blocked".
 
   Returns:
     [B, T, N, H] in v's dtype.
@@ -141,7 +173,9 @@ def attention(
     return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, rules=rules)
   if impl == "cudnn" and square:
     return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
-  if impl not in ("xla", "splash", "cudnn"):
+  if impl == "blocked" and square:
+    return blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, block)
+  if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention implementation {impl!r}")
   kv_slots = jnp.arange(k.shape[1])
   mask = make_mask(q_segment_ids, kv_segment_ids, kv_slots if square else q_slots, kv_slots)

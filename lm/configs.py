@@ -15,7 +15,7 @@ import math
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "blocked", "cudnn", "splash")  # lm/attention.py
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -53,10 +53,11 @@ class ModelConfig:
   # Memory: what each scanned layer keeps for the backward pass (see lm/model.py:REMAT).
   remat: str = "full"
   attention: str = "xla"
+  attention_block: int = 64  # queries per block of attention="blocked"
 
   def __post_init__(self):
     problems = []
-    for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "attention_block"):
       if getattr(self, name) <= 0:
         problems.append(f"{name}={getattr(self, name)} must be positive")
     if self.n_heads > 0 and self.dim % self.n_heads:

@@ -145,7 +145,7 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
     self.wv = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
     self.wo = _param(rngs, cfg, (n, h, d), ("q_heads", "head_dim", "embed"))
-    self.impl = cfg.attention
+    self.impl, self.block = cfg.attention, cfg.attention_block
 
   def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None):
     dtype = x.dtype
@@ -159,7 +159,7 @@ class Attention(nnx.Module):
     q, k, v = (checkpoint_name(a, "qkv_proj") for a in (q, k, v))
     if cache_kv is None:
       out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                      impl=self.impl, rules=self.rules)
+                      impl=self.impl, rules=self.rules, block=self.block)
       new_kv = None
     else:
       cache_k, cache_v = cache_kv
