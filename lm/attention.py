@@ -46,8 +46,12 @@ def make_mask(
   return causal & same_segment
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Reference attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] bool -> [B,T,N,H]."""
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  kv_heads_first: bool = False) -> jax.Array:
+  """Reference attention. q [B,T,N,H], k/v [B,S,K,H] (or [B,K,S,H] with `kv_heads_first`, the
+  KV cache's layout), mask [B,T,S] bool -> [B,T,N,H]."""
+  if kv_heads_first:
+    return _cache_attention(q, k, v, mask)
   batch, q_len, n_heads, head_dim = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(batch, q_len, kv_heads, n_heads // kv_heads, head_dim)
@@ -57,6 +61,27 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(batch, q_len, n_heads, head_dim)
+
+
+def _cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`xla_attention` against a KV cache laid out [B,K,S,H], with the products spelled out as
+  XLA:CPU runs them fastest at decode: the keys as the left operand of the scores ([S,H] x
+  [H,G*T] per head) and the probabilities as the left one of the output ([G*T,S] x [S,H]).
+  Left to `einsum`, the output took the cache as its left operand, 8x slower at decode."""
+  batch, q_len, n_heads, head_dim = q.shape
+  kv_heads, group = k.shape[1], n_heads // k.shape[1]
+  per_head = (((3,), (2,)), ((0, 1), (0, 1)))  # contract lhs dim 3 with rhs dim 2, batch B, K
+  q = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 4, 3, 1)
+  q = q.reshape(batch, kv_heads, head_dim, group * q_len)  # [B,K,H,G*T], G major
+  scores = jax.lax.dot_general(k, q, per_head, preferred_element_type=jnp.float32)
+  scores = scores * (head_dim ** -0.5)  # [B,K,S,G*T]
+  mask = jnp.broadcast_to(mask.transpose(0, 2, 1)[:, None, :, None, :],
+                          (batch, 1, k.shape[2], group, q_len))
+  scores = jnp.where(mask.reshape(batch, 1, k.shape[2], group * q_len), scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=2).astype(v.dtype).transpose(0, 1, 3, 2)  # [B,K,G*T,S]
+  out = jax.lax.dot_general(probs, v, per_head)  # [B,K,G*T,H]
+  out = out.reshape(batch, kv_heads, group, q_len, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, q_len, n_heads, head_dim)
 
 
@@ -151,6 +176,7 @@ def attention(
     q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
     q_slots: jax.Array | None = None, impl: str = "xla",
     rules: sharding.Rules = sharding.DEFAULT_RULES, block: int = 64,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
   """Causal attention with segment masking.
 
@@ -162,11 +188,14 @@ def attention(
     impl: "xla", "blocked", "cudnn" or "splash"; with `q_slots` given, "xla" is always used.
     rules: the sharding plan, for the kernels that run per shard (splash).
     block: the query block of "blocked".
+    kv_heads_first: k and v are [B, K, S, H], the KV cache's layout (only with `q_slots`).
 
   Returns:
     [B, T, N, H] in v's dtype.
   """
   square = q_slots is None
+  if square and kv_heads_first:
+    raise ValueError("kv_heads_first is the KV cache's layout; it needs q_slots")
   if square and q.shape[1] != k.shape[1]:
     raise ValueError(f"self-attention needs T == S, got q {q.shape} and k {k.shape}")
   if impl == "splash" and square:
@@ -177,7 +206,7 @@ def attention(
     return blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, block)
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention implementation {impl!r}")
-  kv_slots = jnp.arange(k.shape[1])
+  kv_slots = jnp.arange(k.shape[2 if kv_heads_first else 1])
   mask = make_mask(q_segment_ids, kv_segment_ids, kv_slots if square else q_slots, kv_slots)
-  return xla_attention(q, k, v, mask)
+  return xla_attention(q, k, v, mask, kv_heads_first)
 

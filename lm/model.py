@@ -30,8 +30,10 @@ Params = Any  # a nested dict of arrays: the pure-dict form of the model's nnx.S
 class KVCache(NamedTuple):
   """Keys and values of every layer for S slots, and which slots are filled.
 
-  k, v: [L, B, S, K, H] in the compute dtype, or (for the unrolled layer loop, `layers=`) a tuple
-  of L arrays [B, S, K, H]. segment_ids: [B, S] (0 = padding or not yet written). index: scalar
+  k, v: [L, B, K, S, H] in the compute dtype, or (for the unrolled layer loop, `layers=`) a tuple
+  of L arrays [B, K, S, H]. Heads come before slots so that a decode step's products read each
+  head's keys in place: with slots first, XLA:CPU copied every layer's whole cache into that
+  order at every step (three quarters of a decode step on the tiny model). segment_ids: [B, S] (0 = padding or not yet written). index: scalar
   int32, the number of slots written so far (the same for every row: prompts are left-padded, see
   lm/sampling.py).
   """
@@ -42,7 +44,7 @@ class KVCache(NamedTuple):
   index: jax.Array
 
 
-CACHE_NAMES = ("layers", "batch", "cache_length", "act_kv_heads", None)
+CACHE_NAMES = ("layers", "batch", "act_kv_heads", "cache_length", None)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int,
@@ -56,11 +58,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int,
   """
   dtype = jnp.dtype(cfg.compute_dtype)
   if per_layer:
-    layer = (batch, length, cfg.kv_heads, cfg.head_dim)
+    layer = (batch, cfg.kv_heads, length, cfg.head_dim)
     zeros = tuple(sharding.shard(jnp.zeros(layer, dtype), CACHE_NAMES[1:], rules)
                   for _ in range(cfg.n_layers))
   else:
-    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, batch, cfg.kv_heads, length, cfg.head_dim)
     zeros = sharding.shard(jnp.zeros(shape, dtype), CACHE_NAMES, rules)
   return KVCache(
       k=zeros, v=zeros, segment_ids=sharding.shard(jnp.zeros((batch, length), jnp.int32),
@@ -162,13 +164,13 @@ class Attention(nnx.Module):
                       impl=self.impl, rules=self.rules, block=self.block)
       new_kv = None
     else:
-      cache_k, cache_v = cache_kv
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+      cache_k, cache_v = (
+          jax.lax.dynamic_update_slice(c, new.swapaxes(1, 2).astype(c.dtype), (0, 0, index, 0))
+          for c, new in zip(cache_kv, (k, v)))
       cache_k, cache_v = (sharding.shard(c, CACHE_NAMES[1:], self.rules) for c in (cache_k, cache_v))
       q_slots = index + jnp.arange(q.shape[1])
       out = attention(q, cache_k.astype(dtype), cache_v.astype(dtype), q_segment_ids=segment_ids,
-                      kv_segment_ids=cache_segment_ids, q_slots=q_slots)
+                      kv_segment_ids=cache_segment_ids, q_slots=q_slots, kv_heads_first=True)
       new_kv = (cache_k, cache_v)
     out = sharding.shard(out, ("batch", "length", "act_heads", None), self.rules)
     return project(out, self.wo, contract=2), new_kv

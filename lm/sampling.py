@@ -75,6 +75,12 @@ class Generation(NamedTuple):
   logprobs: jax.Array
 
 
+# A nucleus is first looked for among this many most likely tokens; the whole vocabulary is
+# sorted only when some row's candidates hold at most top_p of its mass. Sorting [128, 1024]
+# logits took 32 ms on a 2-core CPU, top-64 3 ms: two thirds of a GAtt decode step.
+NUCLEUS_CANDIDATES = 64
+
+
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float = 1.0,
                  top_k: int = 0) -> jax.Array:
   """Draws one token per row from logits [B, V] -> [B] int32.
@@ -87,17 +93,42 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: f
   logits = logits.astype(jnp.float32) / temperature
   if top_k == 0 and top_p >= 1.0:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-  if top_k:
-    sorted_logits, order = jax.lax.top_k(logits, top_k)
-  else:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  if top_k == 0:
+    return _nucleus(logits, rng, top_p)
+  sorted_logits, order = jax.lax.top_k(logits, top_k)
   if top_p < 1.0:
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     sorted_logits = jnp.where(mass_before > top_p, -jnp.inf, sorted_logits)
   choice = jax.random.categorical(rng, sorted_logits, axis=-1)
   return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _nucleus(logits: jax.Array, rng: jax.Array, top_p: float) -> jax.Array:
+  """Top-p sampling from logits [B, V] -> [B], over the top NUCLEUS_CANDIDATES tokens when they
+  hold the nucleus, else over the sorted vocabulary. Either way, the draw is the Gumbel-max one
+  `jax.random.categorical` makes over the whole sorted vocabulary (noise for all V tokens, the
+  ones outside the nucleus at -inf), so the token does not depend on the path taken."""
+  vocab = logits.shape[-1]
+  log_total = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  noise = jax.random.gumbel(rng, logits.shape, logits.dtype)
+
+  def draw(candidates: int) -> tuple[jax.Array, jax.Array]:
+    sorted_logits, order = jax.lax.top_k(logits, candidates)
+    mass = jnp.cumsum(jnp.exp(sorted_logits - log_total), axis=-1)
+    mass_before = mass - jnp.exp(sorted_logits - log_total)
+    kept = jnp.where(mass_before > top_p, -jnp.inf, sorted_logits)
+    choice = jnp.argmax(kept + noise[:, :candidates], axis=-1)
+    token = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return token, mass[:, -1]
+
+  if vocab <= NUCLEUS_CANDIDATES:
+    return draw(vocab)[0]
+  token, candidates_mass = draw(NUCLEUS_CANDIDATES)
+  # The next token's mass before it is the candidates' mass: above top_p, it and every later one
+  # are dropped, so the nucleus lies among the candidates.
+  return jax.lax.cond(jnp.all(candidates_mass > top_p), lambda: token,
+                      lambda: draw(vocab)[0])
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,

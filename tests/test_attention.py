@@ -92,6 +92,23 @@ def test_splash_kernel_sharded_over_batch_and_heads():
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
 
 
+def test_the_cache_layout_attends_as_the_reference_does():
+  # Keys and values heads-first ([B, K, S, H], the KV cache's layout): a chunk of queries at
+  # slots 6..9 (a prefill continuing a cache) and one query (a decode step), with packing, GQA
+  # and padding, against the loop reference's rows for the same queries.
+  q, k, v, seg = random_inputs()
+  expected = loop_reference(q, k, v, np.asarray(seg), np.asarray(seg))
+  cache_k, cache_v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+  for start, stop in ((6, 10), (9, 10)):
+    out = attention.attention(q[:, start:stop], cache_k, cache_v,
+                              q_segment_ids=seg[:, start:stop], kv_segment_ids=seg,
+                              q_slots=jnp.arange(start, stop), kv_heads_first=True)
+    np.testing.assert_allclose(np.asarray(out), expected[:, start:stop], atol=1e-5)
+  with pytest.raises(ValueError, match="q_slots"):
+    attention.attention(q, cache_k, cache_v, q_segment_ids=seg, kv_segment_ids=seg,
+                        kv_heads_first=True)
+
+
 def test_decode_slots_see_only_earlier_keys():
   q, k, v, seg = random_inputs(batch=1, length=8)
   seg = jnp.ones((1, 8), jnp.int32)

@@ -102,8 +102,8 @@ def test_the_kv_cache_is_laid_out_by_the_plan():
   mesh = mesh_of(ROLLOUT_MESHES["tensor_parallel"])  # data 4, tensor 2; tiny has 2 KV heads
   with jax.set_mesh(mesh):
     cache = jax.jit(lambda: model.init_cache(CFG, 8, 16, sharding.ROLLOUT_RULES))()
-  # [L, B, S, K, H]: rows over the batch axes, KV heads over `tensor`.
-  assert tuple(cache.k.sharding.spec)[:4] == (None, "data", None, "tensor")
+  # [L, B, K, S, H]: rows over the batch axes, KV heads over `tensor`.
+  assert tuple(cache.k.sharding.spec)[:3] == (None, "data", "tensor")
   assert tuple(cache.segment_ids.sharding.spec)[:1] == ("data",)
 
 

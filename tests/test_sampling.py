@@ -75,6 +75,31 @@ def test_top_p_and_top_k_keep_only_the_allowed_tokens():
   assert sampling.sample_token(logits[:1], keys, temperature=0.0).tolist() == [0]
 
 
+@pytest.mark.parametrize("spread", [8.0, 0.1])
+def test_nucleus_draws_what_sorting_the_whole_vocabulary_draws(spread):
+  # Peaked logits (spread 8: the nucleus lies among the top NUCLEUS_CANDIDATES tokens) take the
+  # short path, flat ones (0.1) the sort of all 1024; both must draw what the obvious
+  # implementation draws: sort everything, drop the tokens past the nucleus, sample the rest.
+  logits = spread * jax.random.normal(jax.random.key(1), (64, 1024))
+  top_p, temperature = 0.9, 0.7
+
+  def reference(logits, key):
+    scaled = logits / temperature
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    ranked = jnp.where(jnp.cumsum(probs, axis=-1) - probs > top_p, -jnp.inf, ranked)
+    choice = jax.random.categorical(key, ranked, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+  top = jax.lax.top_k(jax.nn.softmax(logits / temperature), sampling.NUCLEUS_CANDIDATES)[0]
+  assert bool(jnp.all(top.sum(-1) > top_p)) == (spread > 1)  # which path each case takes
+  for seed in range(3):
+    key = jax.random.key(seed)
+    drawn = sampling.sample_token(logits, key, temperature=temperature, top_p=top_p)
+    np.testing.assert_array_equal(np.asarray(drawn), np.asarray(reference(logits, key)))
+
+
 def test_sampling_is_deterministic_for_a_key_and_varies_across_keys(tiny):
   graphdef, params = tiny
   prompt = sampling.left_pad([[1, 2, 3]] * 4)
