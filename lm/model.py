@@ -149,7 +149,8 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, cfg, (n, h, d), ("q_heads", "head_dim", "embed"))
     self.impl, self.block = cfg.attention, cfg.attention_block
 
-  def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None):
+  def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None,
+               prefill=False):
     dtype = x.dtype
     q = project(x, self.wq)
     k = project(x, self.wk)
@@ -159,18 +160,19 @@ class Attention(nnx.Module):
     v = sharding.shard(v, ("batch", "length", "act_kv_heads", None), self.rules)
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     q, k, v = (checkpoint_name(a, "qkv_proj") for a in (q, k, v))
-    if cache_kv is None:
+    new_kv = None
+    if cache_kv is None or prefill:
       out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                       impl=self.impl, rules=self.rules, block=self.block)
-      new_kv = None
-    else:
+    if cache_kv is not None:
       cache_k, cache_v = (
           jax.lax.dynamic_update_slice(c, new.swapaxes(1, 2).astype(c.dtype), (0, 0, index, 0))
           for c, new in zip(cache_kv, (k, v)))
       cache_k, cache_v = (sharding.shard(c, CACHE_NAMES[1:], self.rules) for c in (cache_k, cache_v))
-      q_slots = index + jnp.arange(q.shape[1])
-      out = attention(q, cache_k.astype(dtype), cache_v.astype(dtype), q_segment_ids=segment_ids,
-                      kv_segment_ids=cache_segment_ids, q_slots=q_slots, kv_heads_first=True)
+      if not prefill:
+        out = attention(q, cache_k.astype(dtype), cache_v.astype(dtype),
+                        q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids,
+                        q_slots=index + jnp.arange(q.shape[1]), kv_heads_first=True)
       new_kv = (cache_k, cache_v)
     out = sharding.shard(out, ("batch", "length", "act_heads", None), self.rules)
     return project(out, self.wo, contract=2), new_kv
@@ -203,9 +205,10 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg, rngs=rngs)
     self.feed_forward = FeedForward(cfg, rules, rngs=rngs)
 
-  def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None):
+  def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None,
+               prefill=False):
     attn_out, new_kv = self.attention(
-        self.attention_norm(x), sin, cos, segment_ids, cache_kv, cache_segment_ids, index
+        self.attention_norm(x), sin, cos, segment_ids, cache_kv, cache_segment_ids, index, prefill
     )
     x = sharding.shard(x + attn_out, ("batch", "length", "act_embed"), self.rules)
     x = x + self.feed_forward(self.ffn_norm(x))
@@ -245,7 +248,7 @@ class Transformer(nnx.Module):
   def hidden_states(
       self, tokens: jax.Array, positions: jax.Array | None = None,
       segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-      layers: list | None = None,
+      layers: list | None = None, prefill: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, D] for tokens [B, T], and the updated cache.
 
@@ -258,6 +261,10 @@ class Transformer(nnx.Module):
         weights instead of scanning the stack (the same numbers). For decode loops on XLA:CPU,
         whose scan copies each layer's weights out of the stack at every step: split once
         before the loop and the copies happen once. Compile time grows with depth.
+      prefill: `cache` is empty (index 0). The T tokens then attend among themselves with the
+        model's own attention (`blocked`, `splash`: the kernels for the square case) and fill
+        slots 0..T-1; the same numbers as attending over the cache, up to float rounding
+        (half the products of a long prompt's prefill against the cache on XLA:CPU).
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -274,7 +281,8 @@ class Transformer(nnx.Module):
       raise ValueError("a per-layer cache (init_cache(per_layer=True)) needs the unrolled layer "
                        "loop: pass layers=split_layers(params)")
     if layers is not None:
-      x, cache = _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, self.rules)
+      x, cache = _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, self.rules,
+                               prefill)
       return self.norm(x), cache
     if cache is None:
       def body(x, params):
@@ -288,7 +296,7 @@ class Transformer(nnx.Module):
       def body(x, inputs):
         params, k, v = inputs
         x, kv = nnx.merge(graphdef, params)(
-            x, sin, cos, segment_ids, (k, v), cache_segment_ids, cache.index
+            x, sin, cos, segment_ids, (k, v), cache_segment_ids, cache.index, prefill
         )
         return x, kv
       xs = (layer_params, cache.k, cache.v)
@@ -308,7 +316,7 @@ def split_layers(params: Params) -> list:
           for i in range(jax.tree.leaves(stacked)[0].shape[0])]
 
 
-def _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, rules):
+def _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, rules, prefill=False):
   """The scan of `hidden_states` written out layer by layer over `split_layers`' trees."""
   cache_segment_ids = None
   if cache is not None:
@@ -318,7 +326,7 @@ def _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, rules):
   for i, layer in enumerate(layers):
     layer_kv = None if cache is None else (cache.k[i], cache.v[i])
     x, kv = nnx.merge(graphdef, layer)(x, sin, cos, segment_ids, layer_kv, cache_segment_ids,
-                                       None if cache is None else cache.index)
+                                       None if cache is None else cache.index, prefill)
     if kv is not None:
       keys.append(kv[0])
       values.append(kv[1])
@@ -340,10 +348,10 @@ class Llama(Transformer):
     self.output = _param(rngs, cfg, (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, layers=None,
-               last_only=False):
+               last_only=False, prefill=False):
     """Logits [B, T, V] in float32 for tokens [B, T], and the updated cache (see hidden_states).
     `last_only` projects the last position only, [B, 1, V] (a prefill needs nothing more)."""
-    x, cache = self.hidden_states(tokens, positions, segment_ids, cache, layers)
+    x, cache = self.hidden_states(tokens, positions, segment_ids, cache, layers, prefill)
     if last_only:
       x = x[:, -1:]
     logits = project(x, self.output, out_dtype=jnp.float32)

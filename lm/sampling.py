@@ -169,7 +169,7 @@ def _prefill(graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids
   positions = _positions(prompt_segment_ids)
   logits, cache = model_lib.apply(graphdef, params, prompt_tokens, positions=positions,
                                   segment_ids=prompt_segment_ids, cache=cache, layers=layers,
-                                  last_only=True)
+                                  last_only=True, prefill=True)
   token, logprob = _pick(cfg, logits[:, -1], jax.random.fold_in(rng, 0))
   return token, logprob, cache, positions[:, -1] + 1
 

@@ -91,16 +91,22 @@ def test_blocked_attention_gives_the_reference_logits_and_gradients():
                grads, reference)
 
 
-def test_kv_cache_decoding_reproduces_the_uncached_logits():
-  graphdef, params = model.create(CFG)
+@pytest.mark.parametrize("impl,prefill", [("xla", False), ("xla", True), ("blocked", True)])
+def test_kv_cache_decoding_reproduces_the_uncached_logits(impl, prefill):
+  # A prefill (an empty cache) attends among its own tokens with the model's attention, here
+  # blocked in blocks of 5 that do not divide the 7 prompt tokens; the decode steps after it
+  # read the keys and values it wrote.
+  graphdef, params = model.create(CFG.replace(attention=impl, attention_block=5))
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
   full = model.apply(graphdef, params, tokens)[0]
   cache = model.init_cache(CFG, 2, 20)
-  step = jax.jit(lambda p, t, c, pos: model.apply(graphdef, p, t, cache=c, positions=pos))
-  logits, cache = step(params, tokens[:, :7], cache, jnp.broadcast_to(jnp.arange(7), (2, 7)))
+  step = jax.jit(lambda p, t, c, pos, prefill: model.apply(graphdef, p, t, cache=c, positions=pos,
+                                                           prefill=prefill), static_argnums=4)
+  logits, cache = step(params, tokens[:, :7], cache, jnp.broadcast_to(jnp.arange(7), (2, 7)),
+                       prefill)
   pieces = [logits]
   for i in range(7, 12):
-    logits, cache = step(params, tokens[:, i:i + 1], cache, jnp.full((2, 1), i))
+    logits, cache = step(params, tokens[:, i:i + 1], cache, jnp.full((2, 1), i), False)
     pieces.append(logits)
   assert int(cache.index) == 12
   np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(full), atol=1e-5)
