@@ -11,7 +11,8 @@ All take q [B, T, N, H], k and v [B, S, K, H] with N a multiple of K (query head
 j // (N // K), Meta's `repeat_kv` grouping), segment ids for both sides (0 marks padding; tokens
 attend only within their own segment, so packed examples never see each other), and the slot of
 every query and key (causal: a query sees keys at slots <= its own). Kernels handle the square
-self-attention case (T == S, slots 0..T-1); decoding against a KV cache always uses `xla`.
+self-attention case (T == S, slots 0..T-1: training, and a prefill into an empty cache);
+attention against a KV cache always uses `xla`'s math, over the cache's heads-first layout.
 """
 
 from __future__ import annotations
