@@ -33,9 +33,9 @@ class KVCache(NamedTuple):
   k, v: [L, B, K, S, H] in the compute dtype, or (for the unrolled layer loop, `layers=`) a tuple
   of L arrays [B, K, S, H]. Heads come before slots so that a decode step's products read each
   head's keys in place: with slots first, XLA:CPU copied every layer's whole cache into that
-  order at every step (three quarters of a decode step on the tiny model). segment_ids: [B, S] (0 = padding or not yet written). index: scalar
-  int32, the number of slots written so far (the same for every row: prompts are left-padded, see
-  lm/sampling.py).
+  order at every step (three quarters of a decode step on the tiny model). segment_ids: [B, S]
+  (0 = padding or not yet written). index: scalar int32, the number of slots written so far (the
+  same for every row: prompts are left-padded, see lm/sampling.py).
   """
 
   k: jax.Array
@@ -263,8 +263,8 @@ class Transformer(nnx.Module):
         before the loop and the copies happen once. Compile time grows with depth.
       prefill: `cache` is empty (index 0). The T tokens then attend among themselves with the
         model's own attention (`blocked`, `splash`: the kernels for the square case) and fill
-        slots 0..T-1; the same numbers as attending over the cache, up to float rounding
-        (half the products of a long prompt's prefill against the cache on XLA:CPU).
+        slots 0..T-1: the same numbers as attending over the cache, up to float rounding, in
+        about half the time for long prompts on XLA:CPU (`blocked` skips the masked half).
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
