@@ -115,9 +115,9 @@ def _nucleus(logits: jax.Array, rng: jax.Array, top_p: float) -> jax.Array:
 
   def draw(candidates: int) -> tuple[jax.Array, jax.Array]:
     sorted_logits, order = jax.lax.top_k(logits, candidates)
-    mass = jnp.cumsum(jnp.exp(sorted_logits - log_total), axis=-1)
-    mass_before = mass - jnp.exp(sorted_logits - log_total)
-    kept = jnp.where(mass_before > top_p, -jnp.inf, sorted_logits)
+    probs = jnp.exp(sorted_logits - log_total)
+    mass = jnp.cumsum(probs, axis=-1)
+    kept = jnp.where(mass - probs > top_p, -jnp.inf, sorted_logits)  # mass before each token
     choice = jnp.argmax(kept + noise[:, :candidates], axis=-1)
     token = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return token, mass[:, -1]
