@@ -24,11 +24,12 @@ Decode and rollout are warmed up (compiled) first, then timed over --rounds roun
 round is reported. `--cores=N` pins every system to the same N CPUs (torch then runs N threads);
 on a machine another job keeps busy, `--cores=1` spares transformers the stalls of its parallel
 regions waiting for a descheduled thread (see the load average printed first).
-`--scan-layers` runs our decode and rollout with the layers scanned (else unrolled on CPU:
-`SamplingConfig.unroll_layers=None`); `--dtype=bfloat16` runs them with bf16 weights and KV
-cache (`rollout_dtype`; fp32 is the default everywhere). The last four lines are the ratios and
-the rollout rate, one `name: X` each (nan when skipped or failed), with the matmul ceiling's ratio
-before the decode one.
+`--scan-layers` runs our train step, decode and rollout with the layers scanned (else unrolled:
+`scan_layers=False` for training, `SamplingConfig.unroll_layers=None` on CPU for generation);
+`--dtype=bfloat16` runs decode and rollout with bf16 weights and KV cache (`rollout_dtype`; fp32
+is the default everywhere). The last four lines are the ratios and the rollout rate, one
+`name: X` each (nan when skipped or failed), with the matmul ceiling's ratio before the decode
+one.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def matmul_torch(rounds: int, opts) -> dict:
 def run_one(system: str, steps: int, rounds: int, opts) -> dict:
   shape = (TRAIN["preset"], TRAIN["batch"], TRAIN["seq"], steps)
   if system == "train-ours":
-    return ours(*shape, opts.attention)
+    return ours(*shape, opts.attention, opts.scan_layers)
   if system in ("train-hf", "train-hf-compile"):
     return hf(*shape, system == "train-hf-compile")
   return {"decode-ours": decode_ours, "decode-hf": decode_hf, "rollout": rollout_ours,
@@ -211,7 +212,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
   parser.add_argument("--cores", type=int, default=None, help="pin every system to N CPUs")
   parser.add_argument("--scan-layers", action="store_true",
-                      help="our decode and rollout with the layers scanned, not unrolled")
+                      help="our train step, decode and rollout with the layers scanned")
   parser.add_argument("--dtype", default="", choices=("", "bfloat16"),
                       help="our decode and rollout weights and KV cache (rollout_dtype)")
   parser.add_argument("--attention", default="blocked", choices=("xla", "blocked"),

@@ -1,12 +1,13 @@
 """Train-step throughput, ours against Hugging Face transformers (PyTorch), side by side.
 
   python benchmarks/train_step.py [--preset=bench-50M] [--batch=8] [--seq=512] [--steps=10]
-                                  [--attention=xla|blocked]
+                                  [--attention=xla|blocked] [--scan-layers]
 
 Each system runs in its own subprocess with the same environment and allocator (LD_PRELOAD is
 passed through unchanged; the allocator in use is printed), on the same model shape, batch and
-sequence length, fp32, AdamW. Reported: tokens/s and the ratio to ours. On CPU, preload jemalloc
-or tcmalloc for every system alike (see the README's benchmarks section).
+sequence length, fp32, AdamW. Reported: tokens/s and the ratio to ours. Ours runs its layers
+unrolled (`scan_layers=False`, as the CPU presets do) unless `--scan-layers`. On CPU, preload
+jemalloc or tcmalloc for every system alike (see the README's benchmarks section).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 RESULT = "RESULT "
 
 
-def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla") -> dict:
+def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla",
+         scan_layers: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -29,7 +31,7 @@ def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla") 
   from lm import configs, hardware, losses, model, optim, sharding, trainer
 
   cfg = configs.get_preset(preset, compute_dtype="float32", remat="none", max_seq_len=max(seq, 128),
-                           attention=attention)
+                           attention=attention, scan_layers=scan_layers)
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
   graphdef, params = model.create(cfg, mesh)
 
@@ -53,7 +55,8 @@ def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla") 
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
   flops = hardware.flops_per_token(configs.param_count(cfg), cfg.n_layers, seq, cfg.dim)
-  return {"system": f"ours (JAX, {attention} attention)",
+  layers = "scanned" if scan_layers else "unrolled"
+  return {"system": f"ours (JAX, {attention} attention, {layers})",
           "tokens_per_second": batch * seq / seconds,
           "gflops_per_second": batch * seq * flops / seconds / 1e9}
 
@@ -128,11 +131,13 @@ def main():
   parser.add_argument("--system", choices=["ours", "hf", "hf-compile"], default=None)
   parser.add_argument("--skip-compile", action="store_true", help="skip torch.compile (slow)")
   parser.add_argument("--attention", default="xla", help="our attention (lm/attention.py)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="ours with the layers scanned (scan_layers=True), not unrolled")
   args = parser.parse_args()
   if args.system:
     shape = (args.preset, args.batch, args.seq, args.steps)
     if args.system == "ours":
-      result = ours(*shape, args.attention)
+      result = ours(*shape, args.attention, args.scan_layers)
     else:
       result = hf(*shape, args.system == "hf-compile")
     print(RESULT + json.dumps(result))
@@ -144,7 +149,7 @@ def main():
   for system in systems:
     cmd = [sys.executable, __file__, f"--system={system}", f"--preset={args.preset}",
            f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
-           f"--attention={args.attention}"]
+           f"--attention={args.attention}"] + (["--scan-layers"] if args.scan_layers else [])
     result = run_system(cmd, system)
     if result:
       results.append(result)

@@ -6,8 +6,9 @@ a model into (graphdef, params) once and calls `apply` inside `jax.jit`; see `cr
 
 Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.attention.wq`, ...), so
 conversion is a renaming table. Layers are stacked on a leading `layers` axis and run with
-`jax.lax.scan`, which keeps compile time flat in depth. RoPE uses the rotate-half layout (pairs
-`(x[i], x[i + H/2])`, as in Hugging Face checkpoints); Meta checkpoints are permuted on import.
+`jax.lax.scan`, which keeps compile time flat in depth (`scan_layers=False` unrolls it). RoPE
+uses the rotate-half layout (pairs `(x[i], x[i + H/2])`, as in Hugging Face checkpoints); Meta
+checkpoints are permuted on import.
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ class Transformer(nnx.Module):
       xs = (layer_params, cache.k, cache.v)
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
-    x, new_kv = jax.lax.scan(body, x, xs)
+    x, new_kv = jax.lax.scan(body, x, xs, unroll=1 if cfg.scan_layers else cfg.n_layers)
     x = self.norm(x)
     if cache is not None:
       cache = KVCache(new_kv[0], new_kv[1], cache_segment_ids, cache.index + tokens.shape[1])

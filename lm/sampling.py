@@ -38,8 +38,9 @@ class SamplingConfig:
   # Run the layers one after another over per-layer weights split once per call, with a cache
   # array per layer written in place, instead of the model's scan, which on XLA:CPU copies every
   # layer's weights out of the stack at every decode step (README, "Speed on CPU"; the same
-  # tokens up to float rounding). None: on when `generate` runs on CPU devices and the model has
-  # at most UNROLL_MAX_LAYERS layers (compile time grows with depth); accelerators keep the scan.
+  # tokens up to float rounding). None: on for a model that does not scan its layers
+  # (`scan_layers=False`), and when `generate` runs on CPU devices and the model has at most
+  # UNROLL_MAX_LAYERS layers (compile time grows with depth); accelerators keep the scan otherwise.
   # See `model.Transformer.hidden_states`.
   unroll_layers: bool | None = None
 
@@ -56,10 +57,12 @@ UNROLL_MAX_LAYERS = 32
 
 
 def resolve_unroll(cfg: SamplingConfig, model_cfg: ModelConfig, params) -> SamplingConfig:
-  """`cfg` with `unroll_layers` decided: kept when set, else on for CPU-resident params of a model
-  of at most UNROLL_MAX_LAYERS layers."""
+  """`cfg` with `unroll_layers` decided: kept when set, else on for a model that does not scan
+  its layers and for CPU-resident params of a model of at most UNROLL_MAX_LAYERS layers."""
   if cfg.unroll_layers is not None:
     return cfg
+  if not model_cfg.scan_layers:
+    return dataclasses.replace(cfg, unroll_layers=True)
   leaf = jax.tree.leaves(params)[0]
   on_cpu = (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
             and all(d.platform == "cpu" for d in leaf.devices()))

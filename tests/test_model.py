@@ -77,6 +77,23 @@ def test_remat_policies_do_not_change_gradients(remat):
                grads, reference)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_give_the_scans_logits_and_gradients(remat):
+  tokens, seg, pos = batch(b=2)
+  graphdef, params = model.create(CFG.replace(remat=remat))
+  unrolled, _ = model.create(CFG.replace(remat=remat, scan_layers=False))
+  forward = jax.jit(lambda g, p: model.apply(g, p, tokens, positions=pos, segment_ids=seg)[0],
+                    static_argnums=0)
+  # The same ops in the same order: only XLA's fusion choices may differ.
+  np.testing.assert_allclose(np.asarray(forward(unrolled, params)),
+                             np.asarray(forward(graphdef, params)), atol=1e-5)
+  loss, reference = loss_and_grads(graphdef, params, tokens, seg, pos)
+  unrolled_loss, grads = loss_and_grads(unrolled, params, tokens, seg, pos)
+  np.testing.assert_allclose(float(unrolled_loss), float(loss), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+               grads, reference)
+
+
 def test_blocked_attention_gives_the_reference_logits_and_gradients():
   tokens, seg, pos = batch(b=2)
   graphdef, params = model.create(CFG)
@@ -91,12 +108,14 @@ def test_blocked_attention_gives_the_reference_logits_and_gradients():
                grads, reference)
 
 
-@pytest.mark.parametrize("impl,prefill", [("xla", False), ("xla", True), ("blocked", True)])
-def test_kv_cache_decoding_reproduces_the_uncached_logits(impl, prefill):
+@pytest.mark.parametrize("impl,prefill,scan", [("xla", False, True), ("xla", True, True),
+                                               ("blocked", True, True), ("xla", False, False)])
+def test_kv_cache_decoding_reproduces_the_uncached_logits(impl, prefill, scan):
   # A prefill (an empty cache) attends among its own tokens with the model's attention, here
   # blocked in blocks of 5 that do not divide the 7 prompt tokens; the decode steps after it
   # read the keys and values it wrote.
-  graphdef, params = model.create(CFG.replace(attention=impl, attention_block=5))
+  graphdef, params = model.create(CFG.replace(attention=impl, attention_block=5,
+                                              scan_layers=scan))
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
   full = model.apply(graphdef, params, tokens)[0]
   cache = model.init_cache(CFG, 2, 20)

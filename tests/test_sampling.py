@@ -176,7 +176,7 @@ def test_unrolled_layers_sample_what_the_scan_samples(tiny, on_mesh):
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)
 
 
-def test_unrolling_is_on_for_cpu_arrays_only_and_within_the_depth_bound():
+def test_unrolling_is_on_for_cpu_arrays_within_the_depth_bound_and_unscanned_models():
   _, params = model.create(CFG)
   auto = sampling.SamplingConfig(unroll_layers=None)
   assert sampling.resolve_unroll(auto, CFG, params).unroll_layers is True
@@ -185,5 +185,8 @@ def test_unrolling_is_on_for_cpu_arrays_only_and_within_the_depth_bound():
   # Abstract params (as `lm aot` lowers for TPU) keep the scan; an explicit choice is kept.
   abstract = model.abstract_params(CFG)
   assert sampling.resolve_unroll(auto, CFG, abstract).unroll_layers is False
+  # A model that does not scan its layers in training does not scan them in decode either.
+  unscanned = deep.replace(scan_layers=False)
+  assert sampling.resolve_unroll(auto, unscanned, abstract).unroll_layers is True
   forced = sampling.SamplingConfig(unroll_layers=False)
   assert sampling.resolve_unroll(forced, CFG, params).unroll_layers is False
