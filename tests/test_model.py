@@ -84,6 +84,9 @@ def test_unrolled_layers_give_the_scans_logits_and_gradients(remat):
   unrolled, _ = model.create(CFG.replace(remat=remat, scan_layers=False))
   forward = jax.jit(lambda g, p: model.apply(g, p, tokens, positions=pos, segment_ids=seg)[0],
                     static_argnums=0)
+  # Unrolled means no loop left in the program.
+  assert "stablehlo.while" in forward.lower(graphdef, params).as_text()
+  assert "stablehlo.while" not in forward.lower(unrolled, params).as_text()
   # The same ops in the same order: only XLA's fusion choices may differ.
   np.testing.assert_allclose(np.asarray(forward(unrolled, params)),
                              np.asarray(forward(graphdef, params)), atol=1e-5)
