@@ -66,24 +66,23 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 
 def _cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """`xla_attention` against a KV cache laid out [B,K,S,H], with the products spelled out as
-  XLA:CPU runs them fastest at decode: the keys as the left operand of the scores ([S,H] x
-  [H,G*T] per head) and the probabilities as the left one of the output ([G*T,S] x [S,H]).
-  Left to `einsum`, the output took the cache as its left operand, 8x slower at decode."""
+  """`xla_attention` against a KV cache laid out [B,K,S,H], as two batched products per row and
+  KV head in the layout XLA:CPU hands to YNNPACK in bf16 as in fp32: scores [G*T,H] x [S,H]^T,
+  then output [G*T,S] x [S,H], both accumulated in float32. With the probabilities transposed
+  into the output product instead, XLA:CPU ran it on Eigen over a float32 copy of the value
+  cache at every bf16 decode step (1.9x slower attention on bench-50M's decode shape)."""
   batch, q_len, n_heads, head_dim = q.shape
-  kv_heads, group = k.shape[1], n_heads // k.shape[1]
-  per_head = (((3,), (2,)), ((0, 1), (0, 1)))  # contract lhs dim 3 with rhs dim 2, batch B, K
-  q = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 4, 3, 1)
-  q = q.reshape(batch, kv_heads, head_dim, group * q_len)  # [B,K,H,G*T], G major
-  scores = jax.lax.dot_general(k, q, per_head, preferred_element_type=jnp.float32)
-  scores = scores * (head_dim ** -0.5)  # [B,K,S,G*T]
-  mask = jnp.broadcast_to(mask.transpose(0, 2, 1)[:, None, :, None, :],
-                          (batch, 1, k.shape[2], group, q_len))
-  scores = jnp.where(mask.reshape(batch, 1, k.shape[2], group * q_len), scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=2).astype(v.dtype).transpose(0, 1, 3, 2)  # [B,K,G*T,S]
-  out = jax.lax.dot_general(probs, v, per_head)  # [B,K,G*T,H]
-  out = out.reshape(batch, kv_heads, group, q_len, head_dim).transpose(0, 3, 1, 2, 4)
-  return out.reshape(batch, q_len, n_heads, head_dim)
+  kv_heads, group, slots = k.shape[1], n_heads // k.shape[1], k.shape[2]
+  q = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+  q = q.reshape(batch, kv_heads, group * q_len, head_dim)  # [B,K,G*T,H], G major
+  scores = jnp.einsum("BKQH,BKSH->BKQS", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (head_dim ** -0.5)
+  mask = jnp.broadcast_to(mask[:, None, None], (batch, 1, group, q_len, slots))
+  scores = jnp.where(mask.reshape(batch, 1, group * q_len, slots), scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKQS,BKSH->BKQH", probs, v, preferred_element_type=jnp.float32)
+  out = out.astype(v.dtype).reshape(batch, kv_heads, group, q_len, head_dim)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, n_heads, head_dim)
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,

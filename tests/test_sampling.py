@@ -62,6 +62,17 @@ def test_each_row_stops_at_its_own_eos(tiny):
   assert int(out.lengths[1]) == first_eos
 
 
+def test_greedy_token_is_jnp_argmax_with_ties_and_nans():
+  logits = jax.random.normal(jax.random.key(3), (6, 300))
+  logits = logits.at[1, 40].set(logits[1].max())  # a tie: the first index wins
+  logits = logits.at[2, 7].set(jnp.nan).at[2, 3].set(jnp.nan)  # the first NaN wins
+  logits = logits.at[3].set(-jnp.inf).at[4].set(jnp.inf)  # all equal
+  logits = logits.at[5, 299].set(1e30)
+  np.testing.assert_array_equal(sampling.greedy_token(logits), jnp.argmax(logits, axis=-1))
+  bf16 = logits.astype(jnp.bfloat16)  # rounding makes more ties
+  np.testing.assert_array_equal(sampling.greedy_token(bf16), jnp.argmax(bf16, axis=-1))
+
+
 def test_top_p_and_top_k_keep_only_the_allowed_tokens():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
   keys = jax.random.split(jax.random.key(0), 1)[0]
