@@ -14,7 +14,7 @@ checkpoints are permuted on import.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,52 +24,9 @@ from jax.ad_checkpoint import checkpoint_name
 from lm import sharding
 from lm.attention import attention
 from lm.configs import ModelConfig
+from lm.kv_cache import CACHE_NAMES, KVCache
 
 Params = Any  # a nested dict of arrays: the pure-dict form of the model's nnx.State
-
-
-class KVCache(NamedTuple):
-  """Keys and values of every layer for S slots, and which slots are filled.
-
-  k, v: [L, B, K, S, H] in the compute dtype, or (for the unrolled layer loop, `layers=`) a tuple
-  of L arrays [B, K, S, H]. Heads come before slots so that a decode step's products read each
-  head's keys in place: with slots first, XLA:CPU copied every layer's whole cache into that
-  order at every step (three quarters of a decode step on the tiny model). segment_ids: [B, S]
-  (0 = padding or not yet written). index: scalar int32, the number of slots written so far (the
-  same for every row: prompts are left-padded, see lm/sampling.py).
-  """
-
-  k: jax.Array
-  v: jax.Array
-  segment_ids: jax.Array
-  index: jax.Array
-
-
-CACHE_NAMES = ("layers", "batch", "act_kv_heads", "cache_length", None)
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int,
-               rules: sharding.Rules = sharding.DEFAULT_RULES, per_layer: bool = False) -> KVCache:
-  """An empty cache for `batch` rows and `length` slots, laid out by the plan's `rules` (rows
-  over the batch axes, KV heads over the tensor axis) when created under a mesh.
-
-  `per_layer` keeps each layer's keys and values in an array of its own, for the unrolled layer
-  loop: a decode step then writes its new slot in place, where a stacked cache would be sliced
-  and stacked again (a copy of the whole cache per step).
-  """
-  dtype = jnp.dtype(cfg.compute_dtype)
-  if per_layer:
-    layer = (batch, cfg.kv_heads, length, cfg.head_dim)
-    zeros = tuple(sharding.shard(jnp.zeros(layer, dtype), CACHE_NAMES[1:], rules)
-                  for _ in range(cfg.n_layers))
-  else:
-    shape = (cfg.n_layers, batch, cfg.kv_heads, length, cfg.head_dim)
-    zeros = sharding.shard(jnp.zeros(shape, dtype), CACHE_NAMES, rules)
-  return KVCache(
-      k=zeros, v=zeros, segment_ids=sharding.shard(jnp.zeros((batch, length), jnp.int32),
-                                                   ("batch", "cache_length"), rules),
-      index=jnp.zeros((), jnp.int32),
-  )
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, names, init="normal") -> nnx.Param:
@@ -279,8 +236,8 @@ class Transformer(nnx.Module):
 
     graphdef, layer_params = nnx.split(self.layers)
     if cache is not None and isinstance(cache.k, tuple) and layers is None:
-      raise ValueError("a per-layer cache (init_cache(per_layer=True)) needs the unrolled layer "
-                       "loop: pass layers=split_layers(params)")
+      raise ValueError("a per-layer cache (kv_cache.init_cache(per_layer=True)) needs the "
+                       "unrolled layer loop: pass layers=split_layers(params)")
     if layers is not None:
       x, cache = _run_unrolled(graphdef, layers, x, sin, cos, segment_ids, cache, self.rules,
                                prefill)

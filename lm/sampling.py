@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm import kv_cache
 from lm import model as model_lib
 from lm import sharding
 from lm.configs import ModelConfig
@@ -180,7 +181,7 @@ def _prefill(graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids
   """Runs the prompts into a fresh cache of `length` slots; samples each row's first token."""
   # The cache is laid out by the plan the model was built with (its graphdef carries the rules).
   rules = nnx.merge(graphdef, params).rules
-  cache = model_lib.init_cache(model_cfg, prompt_tokens.shape[0], length, rules,
+  cache = kv_cache.init_cache(model_cfg, prompt_tokens.shape[0], length, rules,
                                per_layer=layers is not None)
   positions = _positions(prompt_segment_ids)
   logits, cache = model_lib.apply(graphdef, params, prompt_tokens, positions=positions,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import configs, model, sharding
+from lm import configs, kv_cache, model, sharding
 
 CFG = configs.get_preset("tiny")
 MESHES = [(1, 8, 1, 1), (1, 1, 8, 1), (1, 1, 1, 8), (1, 2, 2, 2)]  # (dcn, data, fsdp, tensor)
@@ -121,7 +121,7 @@ def test_kv_cache_decoding_reproduces_the_uncached_logits(impl, prefill, scan):
                                               scan_layers=scan))
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
   full = model.apply(graphdef, params, tokens)[0]
-  cache = model.init_cache(CFG, 2, 20)
+  cache = kv_cache.init_cache(CFG, 2, 20)
   step = jax.jit(lambda p, t, c, pos, prefill: model.apply(graphdef, p, t, cache=c, positions=pos,
                                                            prefill=prefill), static_argnums=4)
   logits, cache = step(params, tokens[:, :7], cache, jnp.broadcast_to(jnp.arange(7), (2, 7)),
@@ -158,7 +158,7 @@ def test_a_per_layer_cache_decodes_as_the_stacked_one_and_needs_the_unrolled_loo
                                                           layers=layers))
   outputs = []
   for per_layer in (False, True):
-    cache = model.init_cache(CFG, 2, 20, per_layer=per_layer)
+    cache = kv_cache.init_cache(CFG, 2, 20, per_layer=per_layer)
     assert isinstance(cache.k, tuple) == per_layer
     logits, cache = step(params, tokens[:, :7], cache, jnp.broadcast_to(jnp.arange(7), (2, 7)),
                          layers)
@@ -170,7 +170,8 @@ def test_a_per_layer_cache_decodes_as_the_stacked_one_and_needs_the_unrolled_loo
     outputs.append(np.asarray(jnp.concatenate(pieces, 1)))
   np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
   with pytest.raises(ValueError, match="per-layer cache"):
-    model.apply(graphdef, params, tokens[:, :1], cache=model.init_cache(CFG, 2, 20, per_layer=True))
+    model.apply(graphdef, params, tokens[:, :1],
+                cache=kv_cache.init_cache(CFG, 2, 20, per_layer=True))
 
 
 def test_bfloat16_weights_are_multiplied_in_bfloat16():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import checkpoints, configs, model, roles, rollout, sampling, sharding
+from lm import checkpoints, configs, kv_cache, model, roles, rollout, sampling, sharding
 from lm.evals import chat as chat_evals
 
 CFG = configs.get_preset("tiny", compute_dtype="float32", param_dtype="float32")
@@ -101,7 +101,7 @@ def test_batching_sorting_and_padding_change_nothing(policy):
 def test_the_kv_cache_is_laid_out_by_the_plan():
   mesh = mesh_of(ROLLOUT_MESHES["tensor_parallel"])  # data 4, tensor 2; tiny has 2 KV heads
   with jax.set_mesh(mesh):
-    cache = jax.jit(lambda: model.init_cache(CFG, 8, 16, sharding.ROLLOUT_RULES))()
+    cache = jax.jit(lambda: kv_cache.init_cache(CFG, 8, 16, sharding.ROLLOUT_RULES))()
   # [L, B, K, S, H]: rows over the batch axes, KV heads over `tensor`.
   assert tuple(cache.k.sharding.spec)[:3] == (None, "data", "tensor")
   assert tuple(cache.segment_ids.sharding.spec)[:1] == ("data",)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import configs, model, sampling, sharding
+from lm import configs, kv_cache, model, sampling, sharding
 
 CFG = configs.get_preset("tiny")
 
@@ -140,8 +140,8 @@ def test_the_cache_is_laid_out_by_the_models_own_plan(tiny, monkeypatch):
   def recording_init_cache(*args, **kwargs):
     seen.append(args[3] if len(args) > 3 else kwargs.get("rules", sharding.DEFAULT_RULES))
     return init_cache(*args, **kwargs)
-  init_cache = model.init_cache
-  monkeypatch.setattr(model, "init_cache", recording_init_cache)
+  init_cache = kv_cache.init_cache
+  monkeypatch.setattr(kv_cache, "init_cache", recording_init_cache)
   cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=2, eos_id=-1)
   rollout_rules = sharding.plan_rules("rollout")
   assert rollout_rules != sharding.DEFAULT_RULES
