@@ -274,9 +274,9 @@ def main():
   for system in ("decode-ours", "decode-hf"):
     if results.get(system):
       r = results[system]
-      rate = DECODE["batch"] * DECODE["new_tokens"] / r["generate"]["best"]
-      decode[system] = {"tokens_per_second": rate}
       new_tokens = DECODE["batch"] * DECODE["new_tokens"]
+      rate = new_tokens / r["generate"]["best"]
+      decode[system] = {"tokens_per_second": rate}
       processes = ", ".join(f"{new_tokens / run['generate']['best']:,.0f}"
                             for run in decode_runs[system])
       print(f"decode {r['system']:<30} {rate:>10,.0f} new tokens/s  (median round "

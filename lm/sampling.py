@@ -172,8 +172,9 @@ def _pick(cfg: SamplingConfig, logits: jax.Array, rng: jax.Array):
   token = sample_token(logits, rng, cfg.temperature, cfg.top_p, cfg.top_k)
   # The picked logit less the log-normalizer: log_softmax's value at the token without writing
   # out the whole [B, V] log-softmax.
-  logit = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0].astype(jnp.float32)
-  return token, logit - jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  logits = logits.astype(jnp.float32)
+  logit = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+  return token, logit - jax.nn.logsumexp(logits, axis=-1)
 
 
 def _prefill(graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids, rng, length,
@@ -182,7 +183,7 @@ def _prefill(graphdef, model_cfg, cfg, params, prompt_tokens, prompt_segment_ids
   # The cache is laid out by the plan the model was built with (its graphdef carries the rules).
   rules = nnx.merge(graphdef, params).rules
   cache = kv_cache.init_cache(model_cfg, prompt_tokens.shape[0], length, rules,
-                               per_layer=layers is not None)
+                              per_layer=layers is not None)
   positions = _positions(prompt_segment_ids)
   logits, cache = model_lib.apply(graphdef, params, prompt_tokens, positions=positions,
                                   segment_ids=prompt_segment_ids, cache=cache, layers=layers,
