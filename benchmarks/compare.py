@@ -12,7 +12,7 @@ is passed through unchanged; the allocator in use is printed), fp32 unless `--dt
            `--attention` ("blocked", the CPU presets' choice, or the "xla" reference).
   decode   bench-50M with the same random-weight shape on both sides, batch 8, a 64-token prompt,
            128 new tokens, greedy: `lm.sampling.generate` against transformers' `generate` with
-           its KV cache. New tokens/s counts the whole call (prefill included); time to first
+           its KV cache, both in `--dtype`. New tokens/s counts the whole call (prefill included); time to first
            token is a call for one new token (the prefill and the first pick).
   rollout  `lm.rollout.generate` on the tiny preset at GAtt's batch shape: 128 prompts of 90-110
            tokens, 48 new tokens, temperature 1.0 (top-p left at its default 0.9).
@@ -30,8 +30,8 @@ transformers the stalls of its parallel regions waiting for a descheduled thread
 average printed first).
 `--scan-layers` runs our train step, decode and rollout with the layers scanned (else unrolled:
 `scan_layers=False` for training, `SamplingConfig.unroll_layers=None` on CPU for generation);
-`--dtype=bfloat16` runs decode and rollout with bf16 weights and KV cache (`rollout_dtype`; fp32
-is the default everywhere). The last four lines are the ratios and the rollout rate, one
+`--dtype=bfloat16` runs both decoders with bf16 weights and KV cache (ours: `rollout_dtype`), and
+our rollout too; fp32 is the default everywhere. The last four lines are the ratios and the rollout rate, one
 `name: X` each (nan when skipped or failed), with the matmul ceiling's ratio before the decode
 one.
 """
@@ -99,7 +99,6 @@ def decode_ours(rounds: int, opts) -> dict:
 
 
 def decode_hf(rounds: int, opts) -> dict:
-  del opts  # ours only
   import torch
 
   from lm import configs
@@ -107,7 +106,10 @@ def decode_hf(rounds: int, opts) -> dict:
   batch, prompt, new = DECODE["batch"], DECODE["prompt"], DECODE["new_tokens"]
   vocab = configs.get_preset(DECODE["preset"]).vocab_size
   torch.manual_seed(0)
-  model = hf_model(DECODE["preset"], prompt + new).eval()
+  # The same dtype as ours: on an AVX-512 BF16 CPU transformers' bf16 generate ran ~1.9x its
+  # fp32 one, so ours in bf16 against theirs in fp32 would flatter ours.
+  dtype = getattr(torch, opts.dtype or "float32")
+  model = hf_model(DECODE["preset"], prompt + new).eval().to(dtype)
   tokens = torch.randint(3, vocab, (batch, prompt))
   mask = torch.ones_like(tokens)
 
@@ -218,7 +220,7 @@ def main():
   parser.add_argument("--scan-layers", action="store_true",
                       help="our train step, decode and rollout with the layers scanned")
   parser.add_argument("--dtype", default="", choices=("", "bfloat16"),
-                      help="our decode and rollout weights and KV cache (rollout_dtype)")
+                      help="both decoders' weights and KV cache, and our rollout's")
   parser.add_argument("--attention", default="blocked", choices=("xla", "blocked"),
                       help="our train step's attention (lm/attention.py)")
   parser.add_argument("--decode-runs", type=int, default=2,
@@ -240,7 +242,8 @@ def main():
   # than XLA's few large ones, so the ratios are only comparable at a low load.
   cores = f"; every system pinned to {args.cores}" if args.cores else ""
   print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{cores}")
-  print(f"allocator: {allocator()}; fp32 (our decode and rollout: {args.dtype or 'fp32'}); "
+  print(f"allocator: {allocator()}; fp32 (decode, both sides, and rollout: "
+        f"{args.dtype or 'fp32'}); "
         f"decode and rollout: best of {rounds} rounds after warm-up; train: mean of {steps} "
         "steps after warm-up" + ("; ours with the layers scanned" if args.scan_layers else ""))
   # The two decoders alternate, one process each time: a process's speed here varies by up to
