@@ -151,8 +151,9 @@ def test_gatt_keeps_the_system_instruction_to_the_last_turn(chat_run):
   # data has no persistent instruction): 0 of the ~210 later turns (2-8) of 30 conversations.
   # A GAtt that taught nothing (instruction left in the user turns, loss on the wrong turns)
   # stays there. This test preset's SFT model is weak (it obeys 9 % of inline instructions, so
-  # GAtt keeps ~350 examples); after 60 GAtt steps it keeps the instruction in 0.13 of the later
-  # turns (28 of 210; measured 0.07-0.20 a turn), and the threshold, 0.05, is 11 of them. The
+  # GAtt keeps ~350 examples); after 60 GAtt steps it kept the instruction in 0.13 of the later
+  # turns on one CPU (28 of 210; 0.07-0.20 a turn) and 0.064 on another, where 90 steps, the
+  # preset's now, keep it in 0.079 (0-0.14 a turn). The threshold, 0.05, is 11 of the 210. The
   # tiny preset keeps it at 70-90 % of its turns to turn 20 (README).
   later = range(2, 9)
   before = [gatt[f"adherence_turn_{t}_before"] for t in later]
