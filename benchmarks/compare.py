@@ -12,8 +12,9 @@ is passed through unchanged; the allocator in use is printed), fp32 unless `--dt
            `--attention` ("blocked", the CPU presets' choice, or the "xla" reference).
   decode   bench-50M with the same random-weight shape on both sides, batch 8, a 64-token prompt,
            128 new tokens, greedy: `lm.sampling.generate` against transformers' `generate` with
-           its KV cache, both in `--dtype`. New tokens/s counts the whole call (prefill included); time to first
-           token is a call for one new token (the prefill and the first pick).
+           its KV cache, both in `--dtype`. New tokens/s counts the whole call (prefill
+           included); time to first token is a call for one new token (the prefill and the
+           first pick).
   rollout  `lm.rollout.generate` on the tiny preset at GAtt's batch shape: 128 prompts of 90-110
            tokens, 48 new tokens, temperature 1.0 (top-p left at its default 0.9).
   matmul   the ceiling under the train step: the fp32 products of its shapes (4096 rows of 512
@@ -31,9 +32,9 @@ average printed first).
 `--scan-layers` runs our train step, decode and rollout with the layers scanned (else unrolled:
 `scan_layers=False` for training, `SamplingConfig.unroll_layers=None` on CPU for generation);
 `--dtype=bfloat16` runs both decoders with bf16 weights and KV cache (ours: `rollout_dtype`), and
-our rollout too; fp32 is the default everywhere. The last four lines are the ratios and the rollout rate, one
-`name: X` each (nan when skipped or failed), with the matmul ceiling's ratio before the decode
-one.
+our rollout too; fp32 is the default everywhere. The last four lines are the ratios and the
+rollout rate, one `name: X` each (nan when skipped or failed), with the matmul ceiling's ratio
+before the decode one.
 """
 
 from __future__ import annotations
