@@ -243,8 +243,8 @@ def main():
   # than XLA's few large ones, so the ratios are only comparable at a low load.
   cores = f"; every system pinned to {args.cores}" if args.cores else ""
   print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{cores}")
-  print(f"allocator: {allocator()}; fp32 (decode, both sides, and rollout: "
-        f"{args.dtype or 'fp32'}); "
+  print(f"allocator: {allocator()}; train fp32, decode (both sides) and rollout "
+        f"{args.dtype or 'fp32'}; "
         f"decode and rollout: best of {rounds} rounds after warm-up; train: mean of {steps} "
         "steps after warm-up" + ("; ours with the layers scanned" if args.scan_layers else ""))
   # The two decoders alternate, one process each time: a process's speed here varies by up to
