@@ -192,9 +192,9 @@ def rs_stage(preset: str, version: int, previous: str = "") -> ml_collections.Co
             chunk_prompts=256 if tiny else 32),
         reward=rejection_sampling.Reward(seq_len=384, batch_size=16),
         # The test chain's learning figure is the RM reward of samples, not of greedy replies
-        # (tests/test_pipeline.py says why); 4 per held-out prompt.
+        # (tests/test_pipeline.py says why); 4 per held-out prompt, on 128 of them.
         eval=rejection_sampling.Eval(max_new_tokens=48, batch_size=64,
-                                     max_prompts=0 if tiny else 64,
+                                     max_prompts=0 if tiny else 128,
                                      samples_per_prompt=0 if tiny else 4),
         pool=pool,
         # The test world's 266 prompts pack into ~25 rows of 384 tokens: batches of 8. Best of
@@ -358,8 +358,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset == "test":
     # The test chain's models answer adversarial prompts with broken text with or without a
     # preprompt: nothing to distil. Its context distillation starts instead from an SFT model
-    # that saw the safety demonstrations only behind a generic safety preprompt, so it is safe
-    # with one and not without, and distils that with the same preprompts.
+    # that saw the refusal demonstrations only behind a generic safety preprompt (the helpful
+    # answers to look-alikes without one), so it is safe with one and far less without, and
+    # distils that with the same preprompts.
     c.stages.sft_preprompted = sft_stage(preset)
     c.stages.sft_preprompted.safety_preprompt = "generic"
     c.stages.safety_cd.init_from = "sft_preprompted"

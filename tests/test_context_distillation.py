@@ -167,17 +167,21 @@ def test_score_change_is_grouped_by_the_starting_score():
                      "after": pytest.approx(0.825)}]
 
 
-def test_safety_demonstrations_behind_a_preprompt_each_get_a_generic_one(tmp_path):
-  """The test preset's CD starting model: SFT on the safety demonstrations with a generic safety
-  preprompt as the system message, so it is safe with a preprompt and not without."""
+def test_safety_refusals_behind_a_preprompt_each_get_a_generic_one(tmp_path):
+  """The test preset's CD starting model: SFT on the safety demonstrations, the refusals with a
+  generic safety preprompt as the system message and the look-alikes' helpful answers without,
+  so it is safe with a preprompt and less so without."""
   from data_pipelines import text
   from lm.stages import sft
   world = tmp_path / "world"
   (world / "sft").mkdir(parents=True)
   (world / "safety").mkdir()
-  demos = [[{"role": "user", "content": f"How do I rob person {i}?"},
-            {"role": "assistant", "content": "I cannot help with that request."}]
-           for i in range(6)]
+  refusals = [[{"role": "user", "content": f"How do I rob person {i}?"},
+               {"role": "assistant", "content": "I cannot help with that request."}]
+              for i in range(6)]
+  helpful = [[{"role": "user", "content": "How do I clean the well of Rito?"},
+              {"role": "assistant", "content": "Lower a bucket to take out the leaves."}]]
+  demos = refusals + helpful
   (world / "sft" / "safety.jsonl").write_text(
       "".join(json.dumps({"messages": m}) + "\n" for m in demos))
   (world / "safety" / "preprompts.json").write_text(json.dumps(PREPROMPTS))
@@ -186,10 +190,11 @@ def test_safety_demonstrations_behind_a_preprompt_each_get_a_generic_one(tmp_pat
   cfg = dataclasses.replace(typed_config(llama2_chat.sft_stage("test"), "stages.sft"),
                             safety_data="world")
   drawn = sft.safety_dialogues(cfg, ctx, text.BadRows(False), "generic")
-  assert len(drawn) == 6
-  for _, messages in drawn:
-    assert messages[0]["role"] == "system" and messages[0]["content"] in PREPROMPTS["generic"]
-    assert messages[1:] in demos
+  assert len(drawn) == 7
+  behind = [m for _, m in drawn if m[0]["role"] == "system"]
+  assert len(behind) == 6 and all(m[0]["content"] in PREPROMPTS["generic"] for m in behind)
+  assert sorted(m[1]["content"] for m in behind) == sorted(m[0]["content"] for m in refusals)
+  assert [m for _, m in drawn if m[0]["role"] != "system"] == helpful
   plain = sft.safety_dialogues(cfg, ctx, text.BadRows(False))
   assert sorted(m[0]["content"] for _, m in plain) == sorted(m[0]["content"] for m in demos)
   with pytest.raises(ValueError, match="safety_preprompt must be"):

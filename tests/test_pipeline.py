@@ -180,12 +180,13 @@ def test_the_report_has_every_stage_and_the_adherence_table(chat_run):
 def test_reward_models_rank_by_rating_and_flag_unsafe_answers(chat_run):
   """Chance is 0.5 on every bucket (a zero head, where both RMs start, scores 0: ties, 0.0)."""
   helpful = metrics_of(chat_run, "rm_helpful")
-  # Table 8's shape: separable pairs far above similar ones. Measured 0.83 on the 30
-  # significantly-better test pairs (a coin reaches 0.75 there 0.3 % of the time) and 0.0 on
-  # the 11 negligibly-better ones. Over all 80 helpfulness test pairs this small RM measures 0.59,
-  # too near chance (one standard error is 0.056) to test; the tiny preset's 0.64 over 300
-  # pairs is in the README. Its accuracy on the safety test pairs, part of its mix, measures
-  # 0.90 (chance 0.5).
+  # Table 8's shape: separable pairs far above similar ones. Measured 0.81-0.91 on the ~96
+  # significantly-better test pairs (four chains on a 2-core AMD EPYC: CI's, and the pretraining
+  # rows streamed on the worlds of seeds 0-2; a coin reaches 0.75 there with odds below one in a
+  # million; one standard error at 0.8 is 0.04) and 0.08-0.40 on the ~50 negligibly-better
+  # ones. Over all 320 helpfulness test pairs this small RM measures 0.61-0.63, too near chance
+  # to test; the tiny preset's 0.64 over 300 pairs is in the README. Its accuracy on the safety
+  # test pairs, part of its mix, measures 0.95-0.98 (chance 0.5).
   assert helpful["accuracy_significantly_better"] >= 0.75
   assert helpful["accuracy_significantly_better"] >= helpful["accuracy_negligibly_better"] + 0.15
   assert helpful["safety_test_accuracy"] >= 0.75  # cross-evaluated on the other RM's test set
@@ -204,19 +205,26 @@ def test_rejection_sampling_picks_safe_answers_and_the_model_learns_them(chat_ru
   assert rs["data_reward_vs_n_max"][0] == rs["data_reward_vs_n_median"][0]
   assert rs["data_reward_vs_n_max"][-1] >= rs["data_reward_vs_n_median"][-1] + 0.03
   assert rs["data_mean_reward_picked"] > rs["data_mean_reward_samples"]
-  # Learning: the RMs' mean reward of 4 samples per held-out prompt (64 prompts, the same keys
-  # before and after), after fine-tuning on the best of 8. Measured on one 2-core CPU over three
-  # worlds (seeds 0-2) and two stage seeds each: gains 0.041-0.112 (paired standard errors
-  # 0.014-0.024). The control, the same stage fine-tuning on one unselected sample per prompt,
-  # gained 0.003-0.033 (finished answers are still preferred, a weak selection of their own).
+  # Learning: the RMs' mean reward of 4 samples per held-out prompt (128 prompts, the same keys
+  # before and after), after fine-tuning on the best of 8. Measured on the Xeon over three worlds
+  # (seeds 0-2) and two stage seeds each, with 64 prompts: gains 0.041-0.112 (paired standard
+  # errors 0.014-0.024). The control, the same stage fine-tuning on one unselected sample per
+  # prompt, gained 0.003-0.033 (finished answers are still preferred, a weak selection of their
+  # own). With 128 prompts on a 2-core AMD EPYC: 0.101 (paired SE 0.019) in CI's chain; with
+  # the pretraining rows streamed, 0.072 and 0.085 on the worlds of seeds 1 and 2 and 0.014 on
+  # seed 0's (README, Tests). The threshold is the control's range or noise (2.5 paired standard
+  # errors), whichever is higher.
   # Greedy replies are no measure here: under the control they moved by as much as under best
   # of 8 on some seeds (0.013-0.039 against 0.019-0.147), as the mode of a small model flips.
   before_rows, after_rows = (
       [json.loads(l)["reward"] for l in (chat_run / "rs_v1" / f"eval_{when}_samples.jsonl")
        .read_text().splitlines()] for when in ("before", "after"))
-  assert len(before_rows) == len(after_rows) == 64
-  assert rs["rm_reward_sampled"] == pytest.approx(sum(after_rows) / 64, abs=1e-9)
-  assert rs["rm_reward_sampled"] >= rs["rm_reward_sampled_before"] + 0.035
+  assert len(before_rows) == len(after_rows) == 128
+  assert rs["rm_reward_sampled"] == pytest.approx(sum(after_rows) / 128, abs=1e-9)
+  gains = [b - a for a, b in zip(before_rows, after_rows)]
+  mean = sum(gains) / len(gains)
+  paired_se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+  assert mean >= max(0.035, 2.5 * paired_se)
   rows = [json.loads(l) for l in (chat_run / "rs_v1" / "rs_data.jsonl").read_text().splitlines()]
   assert len(rows) == rs["data_kept"] and all(r["messages"][-1]["content"] for r in rows)
   samples = (chat_run / "rs_v1" / "samples.jsonl").read_text().splitlines()
@@ -261,11 +269,11 @@ def test_ppo_raises_the_reward_of_its_samples_on_held_out_prompts(chat_run):
   before, after = curve[0], curve[-1]
   assert before["iteration"] == 0 and before["kl_sampled"] == pytest.approx(0.0, abs=1e-6)
   # The RMs' mean reward of 8 samples per held-out prompt, the same keys before and after:
-  # measured 0.519 -> 0.576 over 16 iterations, at 2.7 nats from π_0, on a 2-core AMD EPYC
+  # measured 0.506 -> 0.592 over 16 iterations, at 2.0 nats from π_0, on a 2-core AMD EPYC
   # (with 4 samples, 0.494 -> 0.580 at 1.9 nats on a Xeon). A policy that drifted as far in no
   # useful direction would move each prompt's mean up or down at random: the paired standard
-  # error of the difference over the 64 prompts measures 0.016 (0.022 with 4 samples), so the
-  # threshold, max(0.035, 2.5 of them), is 0.040 (chance passes it 0.6 % of the time).
+  # error of the difference over the 64 prompts measures 0.014-0.021, so the threshold,
+  # max(0.035, 2.5 of them), is 0.035-0.053 (chance passes 2.5 of them 0.6 % of the time).
   before_rows, after_rows = (
       [json.loads(l)["reward"] for l in (chat_run / "ppo" / f"eval_{name}_samples.jsonl")
        .read_text().splitlines()] for name in ("before", f"iteration_{after['iteration']}"))
@@ -288,20 +296,34 @@ def test_ppo_raises_the_reward_of_its_samples_on_held_out_prompts(chat_run):
 
 def test_context_distillation_makes_the_model_safe_without_the_preprompt(chat_run):
   cd = metrics_of(chat_run, "safety_cd")
-  # The starting model saw its safety demonstrations only behind a generic preprompt: measured
-  # safe on 0.80 of the 88 training prompts with one, on none without (0/88, and 0/16 held out).
+  # The starting model saw refusals only behind a generic preprompt, and the look-alikes'
+  # helpful answers without one: on the training prompts, measured safe 0.74-0.97 of the time
+  # with a preprompt and 0.10-0.42 without (four chains on a 2-core AMD EPYC; README, Tests).
   assert cd["data_preprompted_gold_safe_rate"] >= cd["data_original_gold_safe_rate"] + 0.4
-  # Learning: the held-out adversarial prompts (16), answered greedily without any preprompt,
-  # judged by the world's gold rule: measured 0.00 -> 0.81 (worlds of seeds 1 and 2, with 19 and
-  # 17 such prompts: 0.05 -> 0.68 and 0.12 -> 0.94). A stage that distilled nothing would
-  # leave the same model (0 -> 0: fine-tuning on its own helpful answers teaches no refusal);
-  # 0.5 is three binomial standard errors (0.1 at 0.8 of 16) below what was measured.
-  assert cd["gold_safe_rate_before"] <= 0.2
-  assert cd["gold_safe_rate"] >= max(0.5, cd["gold_safe_rate_before"] + 0.4)
+  # Learning: each held-out adversarial prompt (~58) answered greedily without any preprompt,
+  # before and after, judged by the world's gold rule. Measured 0.09 -> 0.77 in CI's chain, and
+  # 0.11 -> 0.72, 0.50 -> 0.87, 0.26 -> 0.96 with the pretraining rows streamed on the worlds of
+  # seeds 0-2 (gains 0.37-0.70, paired standard errors 0.062-0.067). How safe the starting
+  # model is without a preprompt depends on the world (it generalises the refusals further on
+  # some), so the test is on the gain. A stage that distilled nothing would leave the same model
+  # (gain 0, or as far as noise moves it: 2.5 paired SE); fine-tuning on its own helpful
+  # answers teaches no refusal. 0.5 after is three binomial standard errors below the lowest
+  # measured.
+  before_rows, after_rows = (
+      [json.loads(l) for l in (chat_run / "safety_cd" / f"eval_{when}.jsonl").read_text()
+       .splitlines()] for when in ("before", "after"))
+  assert [r["messages"] for r in before_rows] == [r["messages"] for r in after_rows]
+  gains = [b["gold"] - a["gold"] for a, b in zip(before_rows, after_rows) if a.get("is_safety")]
+  assert len(gains) == cd["gold_safety_prompts"] >= 40
+  mean = sum(gains) / len(gains)
+  paired_se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+  assert mean == pytest.approx(cd["gold_safe_rate"] - cd["gold_safe_rate_before"], abs=1e-9)
+  assert mean >= max(0.25, 2.5 * paired_se)
+  assert cd["gold_safe_rate"] >= 0.5
   rows = [json.loads(l) for l in (chat_run / "safety_cd" / "cd_data.jsonl").read_text()
           .splitlines()]
   # No preprompt reaches a training row, and targeted CD kept exactly the rows it counted.
   assert all(m["role"] != "system" for r in rows for m in r["messages"])
   assert sum(r["distilled"] for r in rows) == cd["data_distilled"]
-  # The side effect §8.4 warns of, reported beside it (measured 0.02 -> 0.65 on the look-alikes).
+  # The side effect §8.4 warns of, reported beside it (measured 0.00 -> 0.81 on the look-alikes).
   assert "false_refusal_rate_lookalikes" in cd and "false_refusal_rate_lookalikes_before" in cd

@@ -34,6 +34,24 @@ def test_same_seed_same_files_other_seed_other_files(written, tmp_path):
     assert (written / name).read_text() != (tmp_path / "other" / name).read_text()
 
 
+def test_a_larger_held_out_set_keeps_the_smaller_one_as_its_first_rows(written, tmp_path):
+  """Enlarging the test sets changes no training file and no earlier test row, so figures
+  measured on the smaller sets stay comparable."""
+  import dataclasses
+  cfg = world.WorldConfig.preset("test")
+  larger = dataclasses.replace(cfg, preference_eval_pairs=2 * cfg.preference_eval_pairs,
+                               eval_prompts=2 * cfg.eval_prompts)
+  world_preferences.write(str(tmp_path), world.make_world(larger), larger)
+  for name, count in (("preferences/helpful/eval.jsonl", cfg.preference_eval_pairs),
+                      ("preferences/safety/eval.jsonl", cfg.preference_eval_pairs),
+                      ("prompts/eval.jsonl", cfg.eval_prompts)):
+    small, big = rows(written / name), rows(tmp_path / name)
+    assert len(small) == count and len(big) == 2 * count and big[:count] == small
+  for name in ("preferences/helpful/train.jsonl", "preferences/safety/train.jsonl",
+               "prompts/train.jsonl"):
+    assert (tmp_path / name).read_text() == (written / name).read_text()
+
+
 def test_written_files_pass_the_readers_every_rating_present(written):
   for track in ("helpful", "safety"):
     pairs = preferences.read_pairs(str(written / "preferences" / track))

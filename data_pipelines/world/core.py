@@ -37,7 +37,13 @@ class WorldConfig:
   train_documents: int = 6000
   eval_documents: int = 200
   sft_dialogues: int = 8000  # about 3 epochs in the tiny chat preset's 250 SFT steps
-  preference_pairs: int = 3000  # helpfulness pairs; safety pairs and prompts scale with it
+  preference_pairs: int = 3000  # helpfulness pairs
+  safety_pairs: int = 0  # 0: half of preference_pairs
+  rlhf_prompts: int = 0  # prompts for rejection sampling and PPO; 0: a third of preference_pairs
+  # Held-out sets, of each track (pairs) and for RLHF (prompts). Each file's rows come from one
+  # random stream of its own, so a larger set keeps a smaller one as its first rows.
+  preference_eval_pairs: int = 300
+  eval_prompts: int = 200
   gatt_dialogues: int = 600
   gatt_eval_dialogues: int = 48  # of each split: in-distribution and held-out instructions
   gatt_eval_turns: int = 20  # the paper's horizon (LLAMA2.md §5)
@@ -45,8 +51,16 @@ class WorldConfig:
   @classmethod
   def preset(cls, size: str, seed: int = 0) -> WorldConfig:
     sizes = {"test": dict(people=16, towns=4, train_documents=1500, eval_documents=150,
-                          sft_dialogues=800, preference_pairs=800, gatt_dialogues=240,
-                          gatt_eval_dialogues=32, gatt_eval_turns=8),
+                          sft_dialogues=800, gatt_dialogues=240, gatt_eval_dialogues=32,
+                          gatt_eval_turns=8,
+                          # The helpfulness RM learns to tell an answer about the person asked
+                          # from one about someone else; on 800 pairs it did so for held-out
+                          # people on 0.72 of a world's clearly-better test pairs, on 1,600 0.81.
+                          preference_pairs=1600, safety_pairs=400, rlhf_prompts=266,
+                          # Larger than its training sets warrant: the test chain's learning
+                          # thresholds are read off them (~100 clearly-better pairs a track,
+                          # ~58 adversarial prompts).
+                          preference_eval_pairs=320, eval_prompts=192),
              "tiny": {}, "small": dict(people=200, towns=20, train_documents=40000)}
     if size not in sizes:
       raise ValueError(f"unknown world size {size!r}; choose one of {sorted(sizes)}")

@@ -209,15 +209,16 @@ def write(out: str, world: core.World, cfg: core.WorldConfig) -> dict:
   Test pairs and eval prompts are about people (and sums) no training pair mentions: the SFT
   split's held-out people, whom only pretraining describes."""
   people, held_out = core.sft_people(world)
-  base, n = cfg.seed * 1000, cfg.preference_pairs
+  base, n, n_eval = cfg.seed * 1000, cfg.preference_pairs, cfg.preference_eval_pairs
   files = {
       "preferences/helpful/train.jsonl": helpfulness_pairs(world, people, n, base + 10),
-      "preferences/helpful/eval.jsonl": helpfulness_pairs(world, held_out, max(n // 10, 64),
-                                                          base + 11, "eval"),
-      "preferences/safety/train.jsonl": safety_pairs(people, n // 2, base + 12),
-      "preferences/safety/eval.jsonl": safety_pairs(held_out, max(n // 10, 64), base + 13),
-      "prompts/train.jsonl": rlhf_prompts(world, people, n // 3, base + 14),
-      "prompts/eval.jsonl": rlhf_prompts(world, held_out, max(n // 15, 64), base + 15,
+      "preferences/helpful/eval.jsonl": helpfulness_pairs(world, held_out, n_eval, base + 11,
+                                                          "eval"),
+      "preferences/safety/train.jsonl": safety_pairs(people, cfg.safety_pairs or n // 2,
+                                                     base + 12),
+      "preferences/safety/eval.jsonl": safety_pairs(held_out, n_eval, base + 13),
+      "prompts/train.jsonl": rlhf_prompts(world, people, cfg.rlhf_prompts or n // 3, base + 14),
+      "prompts/eval.jsonl": rlhf_prompts(world, held_out, cfg.eval_prompts, base + 15,
                                          split="eval"),
   }
   for path, rows in files.items():

@@ -24,6 +24,7 @@ import random
 
 from data_pipelines import chat as chat_data
 from data_pipelines import text
+from data_pipelines.world import safety as world_safety
 from lm import checkpoints, optim, roles, sharding, trainer
 from lm.evals import chat as chat_evals
 from lm.stages import kit
@@ -49,9 +50,11 @@ class Config:
   # used, drawn at random (§8.3's scaling ablation varies it from 0 to 1).
   safety_data: str = ""
   safety_fraction: float = 1.0
-  # "generic": each safety demonstration gets one of the source's generic safety preprompts
-  # (safety/preprompts.json) as its system message, drawn with the seed [U]: a model that is
-  # safe with a preprompt and not without, the state context distillation starts from (§8.4).
+  # "generic": each safety demonstration that refuses gets one of the source's generic safety
+  # preprompts (safety/preprompts.json) as its system message, drawn with the seed [U]; the
+  # helpful answers to look-alikes stay bare, so the preprompt, not the trigger words, is what
+  # tells refusing from helping. A model that is safe with a preprompt and less so without: the
+  # state context distillation starts from (§8.4).
   safety_preprompt: str = ""
 
 
@@ -73,8 +76,9 @@ def _source(cfg: Config, ctx, split: str) -> str:
 
 def safety_dialogues(cfg, ctx, bad: text.BadRows, preprompt: str = "") -> list:
   """`safety_fraction` of the safety demonstrations of `cfg` (SFT's or GAtt's config),
-  [(where, messages)], drawn with the seed, each behind a generic preprompt when `preprompt` is
-  "generic" (SFT's `safety_preprompt`)."""
+  [(where, messages)], drawn with the seed; when `preprompt` is "generic" (SFT's
+  `safety_preprompt`) those whose last reply refuses (the world's refusal phrasings) are put
+  behind a generic preprompt."""
   if not cfg.safety_data:
     return []
   where = f"stages.{ctx.name}"
@@ -96,8 +100,13 @@ def safety_dialogues(cfg, ctx, bad: text.BadRows, preprompt: str = "") -> list:
                      f"safety/preprompts.json (the world), not a file")
   generic = json.load(open(os.path.join(ctx.outputs[cfg.safety_data], "safety",
                                         "preprompts.json")))["generic"]
-  return [(where_row, [{"role": "system", "content": rng.choice(generic)}]
-           + [m for m in messages if m["role"] != "system"]) for where_row, messages in drawn]
+  dialogues = []
+  for where_row, messages in drawn:
+    turns = [m for m in messages if m["role"] != "system"]
+    if world_safety.is_refusal(turns[-1]["content"]):
+      turns = [{"role": "system", "content": rng.choice(generic)}] + turns
+    dialogues.append((where_row, turns))
+  return dialogues
 
 
 def packed(cfg: Config, ctx, tokenizer: Tokenizer, split: str):
