@@ -123,6 +123,12 @@ def metrics_of(workdir, stage):
   return json.loads((workdir / stage / "metrics.json").read_text())
 
 
+def mean_and_standard_error(gains):
+  """The mean of paired differences and its standard error (sample SD / sqrt(n))."""
+  mean = sum(gains) / len(gains)
+  return mean, (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+
+
 def test_pretraining_on_the_world_learns_facts(chat_run):
   metrics = metrics_of(chat_run, "pretrain")
   # 16 people, 4 towns, 8 pets (32 probes): guessing the right kind of word scores about 0.19
@@ -222,8 +228,7 @@ def test_rejection_sampling_picks_safe_answers_and_the_model_learns_them(chat_ru
   assert len(before_rows) == len(after_rows) == 128
   assert rs["rm_reward_sampled"] == pytest.approx(sum(after_rows) / 128, abs=1e-9)
   gains = [b - a for a, b in zip(before_rows, after_rows)]
-  mean = sum(gains) / len(gains)
-  paired_se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+  mean, paired_se = mean_and_standard_error(gains)
   assert mean >= max(0.035, 2.5 * paired_se)
   rows = [json.loads(l) for l in (chat_run / "rs_v1" / "rs_data.jsonl").read_text().splitlines()]
   assert len(rows) == rs["data_kept"] and all(r["messages"][-1]["content"] for r in rows)
@@ -279,8 +284,7 @@ def test_ppo_raises_the_reward_of_its_samples_on_held_out_prompts(chat_run):
        .read_text().splitlines()] for name in ("before", f"iteration_{after['iteration']}"))
   assert len(before_rows) == len(after_rows) == 64
   gains = [b - a for a, b in zip(before_rows, after_rows)]
-  mean = sum(gains) / len(gains)
-  paired_se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+  mean, paired_se = mean_and_standard_error(gains)
   assert after["rm_reward_sampled"] == pytest.approx(sum(after_rows) / 64, abs=1e-9)
   assert mean >= max(0.035, 2.5 * paired_se)
   assert after["kl_sampled"] > 0
@@ -315,8 +319,7 @@ def test_context_distillation_makes_the_model_safe_without_the_preprompt(chat_ru
   assert [r["messages"] for r in before_rows] == [r["messages"] for r in after_rows]
   gains = [b["gold"] - a["gold"] for a, b in zip(before_rows, after_rows) if a.get("is_safety")]
   assert len(gains) == cd["gold_safety_prompts"] >= 40
-  mean = sum(gains) / len(gains)
-  paired_se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+  mean, paired_se = mean_and_standard_error(gains)
   assert mean == pytest.approx(cd["gold_safe_rate"] - cd["gold_safe_rate_before"], abs=1e-9)
   assert mean >= max(0.25, 2.5 * paired_se)
   assert cd["gold_safe_rate"] >= 0.5
