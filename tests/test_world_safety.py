@@ -1,6 +1,7 @@
 """The world's preference pairs, RLHF prompts and safety data: determinism, ratings, scorers."""
 
 import collections
+import dataclasses
 import json
 
 import pytest
@@ -37,7 +38,6 @@ def test_same_seed_same_files_other_seed_other_files(written, tmp_path):
 def test_a_larger_held_out_set_keeps_the_smaller_one_as_its_first_rows(written, tmp_path):
   """Enlarging the test sets changes no training file and no earlier test row, so figures
   measured on the smaller sets stay comparable."""
-  import dataclasses
   cfg = world.WorldConfig.preset("test")
   larger = dataclasses.replace(cfg, preference_eval_pairs=2 * cfg.preference_eval_pairs,
                                eval_prompts=2 * cfg.eval_prompts)
