@@ -2,10 +2,12 @@
 
   python benchmarks/compare.py [--quick] [--skip-train] [--steps=N] [--rounds=N] [--cores=N]
                                [--decode-runs=N] [--scan-layers] [--dtype=bfloat16]
-                               [--attention=xla]
+                               [--attention=xla] [--glibc-defaults]
 
 Each measurement runs in its own subprocess with the same environment and allocator (LD_PRELOAD
-is passed through unchanged; the allocator in use is printed), fp32 unless `--dtype` says:
+is passed through unchanged, and glibc's malloc gets the settings the `lm` command runs with on
+CPU, lm/allocator.py, unless `--glibc-defaults`; the allocator in use is printed), fp32 unless
+`--dtype` says:
 
   train    benchmarks/train_step.py's workload: bench-50M, batch 8 x 512, AdamW; tokens/s is the
            mean over --steps steps after warm-up (that script's own measurement). Ours with
@@ -46,7 +48,8 @@ import statistics
 import sys
 import time
 
-from train_step import RESULT, allocator, hf, hf_model, ours, run_system
+from train_step import (RESULT, allocator, hf, hf_model, ours, run_system,
+                        system_environment)
 
 TRAIN = {"preset": "bench-50M", "batch": 8, "seq": 512}
 DECODE = {"preset": "bench-50M", "batch": 8, "prompt": 64, "new_tokens": 128}
@@ -226,6 +229,8 @@ def main():
                       help="our train step's attention (lm/attention.py)")
   parser.add_argument("--decode-runs", type=int, default=2,
                       help="processes per decoder, alternating; the best one counts")
+  parser.add_argument("--glibc-defaults", action="store_true",
+                      help="every system under glibc malloc's default settings")
   parser.add_argument("--system", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   steps = args.steps or (2 if args.quick else 10)
@@ -243,7 +248,8 @@ def main():
   # than XLA's few large ones, so the ratios are only comparable at a low load.
   cores = f"; every system pinned to {args.cores}" if args.cores else ""
   print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{cores}")
-  print(f"allocator: {allocator()}; train fp32, decode (both sides) and rollout "
+  env = system_environment(not args.glibc_defaults)
+  print(f"allocator: {allocator(env)}; train fp32, decode (both sides) and rollout "
         f"{args.dtype or 'fp32'}; "
         f"decode and rollout: best of {rounds} rounds after warm-up; train: mean of {steps} "
         "steps after warm-up" + ("; ours with the layers scanned" if args.scan_layers else ""))
@@ -259,7 +265,7 @@ def main():
            f"--rounds={rounds}", f"--dtype={args.dtype}", f"--attention={args.attention}"]
     cmd += ["--scan-layers"] if args.scan_layers else []
     cmd += [f"--cores={args.cores}"] if args.cores else []
-    results[system] = run_system(cmd, system)
+    results[system] = run_system(cmd, system, env)
     if system in decode_runs and results[system]:
       decode_runs[system].append(results[system])
   for system, runs in decode_runs.items():

@@ -1,13 +1,13 @@
 """Train-step throughput, ours against Hugging Face transformers (PyTorch), side by side.
 
   python benchmarks/train_step.py [--preset=bench-50M] [--batch=8] [--seq=512] [--steps=10]
-                                  [--attention=xla|blocked] [--scan-layers]
+                                  [--attention=xla|blocked] [--scan-layers] [--glibc-defaults]
 
 Each system runs in its own subprocess with the same environment and allocator (LD_PRELOAD is
-passed through unchanged; the allocator in use is printed), on the same model shape, batch and
-sequence length, fp32, AdamW. Reported: tokens/s and the ratio to ours. Ours runs its layers
-unrolled (`scan_layers=False`, as the CPU presets do) unless `--scan-layers`. On CPU, preload
-jemalloc or tcmalloc for every system alike (see the README's benchmarks section).
+passed through unchanged, and glibc's malloc gets the settings the `lm` command runs with on CPU,
+lm/allocator.py, unless `--glibc-defaults`; the allocator in use is printed), on the same model
+shape, batch and sequence length, fp32, AdamW. Reported: tokens/s and the ratio to ours. Ours runs
+its layers unrolled (`scan_layers=False`, as the CPU presets do) unless `--scan-layers`.
 """
 
 from __future__ import annotations
@@ -106,15 +106,30 @@ def hf(preset: str, batch: int, seq: int, steps: int, compile_model: bool) -> di
   return {"system": name, "tokens_per_second": batch * seq / seconds}
 
 
-def allocator() -> str:
-  """The allocator every system runs under: LD_PRELOAD, which subprocesses inherit unchanged."""
-  return os.environ.get("LD_PRELOAD") or "system malloc (no LD_PRELOAD)"
+def system_environment(lm_settings: bool = True) -> dict:
+  """The environment every system's subprocess runs in: this one, plus the glibc malloc settings
+  the `lm` command starts itself with on CPU (lm/allocator.py) unless `lm_settings` is False or
+  they do not apply here; the same for every system, ours and transformers alike."""
+  from lm import allocator as lm_allocator
+
+  tuned = lm_allocator.tuned_environment(os.environ) if lm_settings else None
+  return dict(os.environ) if tuned is None else tuned
 
 
-def run_system(cmd: list[str], name: str) -> dict | None:
-  """Runs one system's subprocess (same environment) and returns its RESULT line, or None after
-  printing the tail of its stderr."""
-  out = subprocess.run(cmd, capture_output=True, text=True)
+def allocator(env: dict | None = None) -> str:
+  """The allocator every system runs under: LD_PRELOAD and GLIBC_TUNABLES, which the
+  subprocesses get unchanged."""
+  env = system_environment() if env is None else env
+  described = [f"LD_PRELOAD={env['LD_PRELOAD']}"] if env.get("LD_PRELOAD") else []
+  described += [f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}"] if env.get("GLIBC_TUNABLES") else []
+  return "; ".join(described) or "system malloc, default settings"
+
+
+def run_system(cmd: list[str], name: str, env: dict | None = None) -> dict | None:
+  """Runs one system's subprocess (`env`, default system_environment(): the same for every
+  system) and returns its RESULT line, or None after printing the tail of its stderr."""
+  env = system_environment() if env is None else env
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   line = [l for l in out.stdout.splitlines() if l.startswith(RESULT)]
   if not line:
     print(f"{name}: failed\n{out.stderr[-1500:]}")
@@ -133,6 +148,8 @@ def main():
   parser.add_argument("--attention", default="xla", help="our attention (lm/attention.py)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="ours with the layers scanned (scan_layers=True), not unrolled")
+  parser.add_argument("--glibc-defaults", action="store_true",
+                      help="every system under glibc malloc's default settings")
   args = parser.parse_args()
   if args.system:
     shape = (args.preset, args.batch, args.seq, args.steps)
@@ -142,15 +159,16 @@ def main():
       result = hf(*shape, args.system == "hf-compile")
     print(RESULT + json.dumps(result))
     return
+  env = system_environment(not args.glibc_defaults)
   print(f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, AdamW; allocator: "
-        f"{allocator()}; {os.cpu_count()} CPUs")
+        f"{allocator(env)}; {os.cpu_count()} CPUs")
   systems = ["ours", "hf"] + ([] if args.skip_compile else ["hf-compile"])
   results = []
   for system in systems:
     cmd = [sys.executable, __file__, f"--system={system}", f"--preset={args.preset}",
            f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
            f"--attention={args.attention}"] + (["--scan-layers"] if args.scan_layers else [])
-    result = run_system(cmd, system)
+    result = run_system(cmd, system, env)
     if result:
       results.append(result)
   base = next((r["tokens_per_second"] for r in results if r["system"].startswith("ours")), None)

@@ -12,6 +12,8 @@ import sys
 
 from absl import app
 
+from lm import allocator
+
 VERBS = {
     "run": "run an experiment's stages (resumes an interrupted run)",
     "eval": "run a stage's evaluations on its output or on a model directory",
@@ -42,7 +44,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  argv = sys.argv if argv is None else argv
+  as_program, argv = argv is None, sys.argv if argv is None else argv
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(usage())
     sys.exit(0 if len(argv) >= 2 else 2)
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"lm: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   if verb in CACHED_VERBS:
+    tuned = allocator.tuned_environment(os.environ) if as_program else None
+    if tuned is not None:  # glibc reads its settings at start-up only: start again with them
+      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], tuned)
     # Before the verb imports jax, which reads the variable once.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(COMPILATION_CACHE))
   module = importlib.import_module(f"lm.commands.{verb}")

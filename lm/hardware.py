@@ -5,7 +5,11 @@ Used for the MFU estimate in the progress line and by `lm aot` to say whether a 
 
 from __future__ import annotations
 
+import os
+
 import jax
+
+from lm import allocator
 
 GiB = 1024 ** 3
 
@@ -50,21 +54,21 @@ def flops_per_token(n_params: int, n_layers: int, seq_len: int, dim: int) -> flo
   return 6.0 * n_params + 12.0 * n_layers * seq_len * dim
 
 
-FAST_ALLOCATORS = ("libtcmalloc", "libjemalloc")
-
-
 def allocator_advice(maps_path: str = "/proc/self/maps") -> str | None:
-  """A one-line suggestion when this process computes on CPU under the C library's malloc, else
-  None. XLA:CPU allocates and frees large buffers at every step; glibc returns them to the kernel
-  and faults them back in (a quarter of the tiny chat run's CPU time went to page faults), which
-  tcmalloc and jemalloc avoid. MaxText preloads tcmalloc on TPU hosts for the same reason."""
+  """A one-line suggestion when this process computes on CPU under the C library's malloc with
+  its default settings, else None. XLA:CPU allocates and frees large buffers at every step;
+  glibc returns them to the kernel and faults them back in (a quarter of the tiny chat run's CPU
+  time went to page faults), which tcmalloc and jemalloc avoid, and the glibc settings `lm` runs
+  with (lm/allocator.py). MaxText preloads tcmalloc on TPU hosts for the same reason."""
   try:
     with open(maps_path) as f:
       maps = f.read()
   except OSError:  # not Linux: nothing to say
     return None
-  if any(name in maps for name in FAST_ALLOCATORS) or jax.default_backend() != "cpu":
+  if (any(name in maps for name in allocator.FAST_ALLOCATORS)
+      or allocator.is_tuned(os.environ) or jax.default_backend() != "cpu"):
     return None
-  return ("lm: computing on CPU with the system allocator; preload tcmalloc or jemalloc for "
-          "faster steps, e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 "
-          "(apt-get install libtcmalloc-minimal4; README: 'The allocator')")
+  return ("lm: computing on CPU with the system allocator's defaults; preload tcmalloc or "
+          "jemalloc, e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4, or set "
+          f"GLIBC_TUNABLES={allocator.GLIBC_TUNABLES} (the `lm` command does so itself unless "
+          "LM_GLIBC_TUNING=0; README: 'The allocator')")
