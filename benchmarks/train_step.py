@@ -47,7 +47,10 @@ def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla",
   rng = np.random.default_rng(0)
   data = {"tokens": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
           "targets": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)}
-  state, metrics = tr.step(state, data)  # compile
+  # Two warm-up steps, as transformers' below: the first compiles, and under lm's glibc settings
+  # the heap settles during the second (README, "The allocator").
+  for _ in range(2):
+    state, metrics = tr.step(state, data)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
