@@ -119,19 +119,17 @@ def system_environment(lm_settings: bool = True) -> dict:
   return dict(os.environ) if tuned is None else tuned
 
 
-def allocator(env: dict | None = None) -> str:
-  """The allocator every system runs under: LD_PRELOAD and GLIBC_TUNABLES, which the
-  subprocesses get unchanged."""
-  env = system_environment() if env is None else env
+def allocator(env: dict) -> str:
+  """The allocator every system runs under in `env` (system_environment): LD_PRELOAD and
+  GLIBC_TUNABLES."""
   described = [f"LD_PRELOAD={env['LD_PRELOAD']}"] if env.get("LD_PRELOAD") else []
   described += [f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}"] if env.get("GLIBC_TUNABLES") else []
   return "; ".join(described) or "system malloc, default settings"
 
 
-def run_system(cmd: list[str], name: str, env: dict | None = None) -> dict | None:
-  """Runs one system's subprocess (`env`, default system_environment(): the same for every
-  system) and returns its RESULT line, or None after printing the tail of its stderr."""
-  env = system_environment() if env is None else env
+def run_system(cmd: list[str], name: str, env: dict) -> dict | None:
+  """Runs one system's subprocess in `env` (system_environment: the same for every system) and
+  returns its RESULT line, or None after printing the tail of its stderr."""
   out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   line = [l for l in out.stdout.splitlines() if l.startswith(RESULT)]
   if not line:

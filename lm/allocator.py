@@ -1,7 +1,7 @@
 """glibc malloc settings for computing on CPU, applied by re-executing `lm` (no jax import here).
 
 XLA:CPU allocates each program's temporary buffer afresh at every call (3.7 GB for bench-50M's
-train step) and frees it after. Under glibc's defaults an allocation that large is a new mmap
+gradient) and frees it after. Under glibc's defaults an allocation that large is a new mmap
 from a thread's arena every time, so every page of it faults in again at every step: ~970k
 page faults a step. tcmalloc or jemalloc keep the memory (the README's "The allocator"); where
 neither is installed, three glibc tunables do the same:

@@ -51,7 +51,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(allocator.glibc_version() is None or allocator.glibc_version() < (2, 26),
                     reason="glibc tunables only")
-def test_under_the_settings_a_second_call_does_not_fault_its_buffers_in_again():
+def test_under_the_settings_a_repeated_call_does_not_fault_its_buffers_in_again():
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
   faults = {}
@@ -81,4 +81,3 @@ def test_lm_restarts_itself_with_the_settings_and_stops_advising_them():
   assert untuned.returncode == 0, untuned.stderr[-2000:]
   assert advice in untuned.stderr and allocator.GLIBC_TUNABLES in untuned.stderr
   assert tuned.stdout == untuned.stdout  # the same tokens
-
