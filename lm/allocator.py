@@ -12,11 +12,13 @@ neither is installed, three glibc tunables do the same:
   mmap_max=0        large blocks come from that heap, not from mmap
   trim_threshold    (1 TiB) freed memory stays mapped for the next step
 
-The process keeps its peak heap until it exits. glibc reads tunables only when a process starts,
-so `lm` sets GLIBC_TUNABLES and re-executes itself once (the pid stays the same). It does not
-when the variable is already set (the user's choice, or after the re-exec), when tcmalloc or
-jemalloc is preloaded, when the C library is not glibc, on a host with an accelerator (unless
-JAX_PLATFORMS asks for cpu), or when LM_GLIBC_TUNING=0.
+The process keeps its peak heap until it exits: a few copies of the largest temporary, since
+a freed buffer's place partly taken by smaller blocks sends the next one to the top of the heap.
+glibc reads tunables only when a process starts, so `lm` sets GLIBC_TUNABLES and re-executes
+itself once (the pid stays the same). It does not when the variable is already set (the user's
+choice, or after the re-exec), when malloc's older variables (MALLOC_ARENA_MAX, ...) are set,
+when tcmalloc or jemalloc is preloaded, when the C library is not glibc, on a host with an
+accelerator (unless JAX_PLATFORMS asks for cpu), or when LM_GLIBC_TUNING=0.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from typing import Mapping
 
 GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                   f"glibc.malloc.trim_threshold={1 << 40}")
+# glibc's older names for its malloc tunables: set, they are the user's settings.
+MALLOC_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_MMAP_MAX_",
+                    "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 FAST_ALLOCATORS = ("libtcmalloc", "libjemalloc")
 # Device nodes of TPUs (accel, vfio) and NVIDIA GPUs: there the steps run off the host's heap.
 ACCELERATOR_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
@@ -58,6 +63,7 @@ def tuned_environment(environ: Mapping[str, str], libc: tuple[int, int] | None |
   platforms = environ.get("JAX_PLATFORMS", "")
   cpu_only = platforms == "cpu" or (not platforms and not has_accelerator)
   if (environ.get("LM_GLIBC_TUNING", "1") == "0" or "GLIBC_TUNABLES" in environ
+      or any(name in environ for name in MALLOC_VARIABLES)
       or any(name in environ.get("LD_PRELOAD", "") for name in FAST_ALLOCATORS)
       or libc is None or libc < (2, 26) or not cpu_only):  # tunables came in glibc 2.26
     return None
