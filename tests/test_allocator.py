@@ -64,7 +64,7 @@ def test_under_the_settings_repeated_calls_do_not_fault_their_buffers_in_again()
     faults[name] = [int(line) for line in result.stdout.split()]
   refaulted = {name: sum(calls) / BUFFER_PAGES for name, calls in faults.items()}
   # Under glibc's defaults every call faults the whole buffer in again (unless the kernel backs
-  # the mapping with huge pages): 40-45 buffers' worth in 40 calls on a 2-core AMD EPYC. Under
+  # the mapping with huge pages): 40-41 buffers' worth in 40 calls on a 2-core AMD EPYC. Under
   # the settings the heap grows by a buffer whenever a freed buffer's hole was partly taken by
   # smaller blocks; it settles at a few buffers: 3-5 buffers' worth in 40 calls there, the
   # later calls faulting none. A quarter of the calls refaulting would be the defaults' doing.
