@@ -19,8 +19,12 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, log_z: jax.Array | Non
   logits = logits.astype(jnp.float32)
   if log_z is None:
     log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return target_logits - log_z
+  return _target_logits(logits, targets) - log_z
+
+
+def _target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """logits [B, T, V] read at targets [B, T] -> [B, T]."""
+  return jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def token_entropy(logits: jax.Array) -> jax.Array:
@@ -41,17 +45,22 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
 
   Returns:
     (mean loss over counted positions, {"loss", "z_loss", "accuracy", "weight"}) where weight is
-    the number of counted positions, so callers can combine micro-batches exactly.
+    the number of counted positions, so callers can combine micro-batches exactly. `accuracy` is
+    the share of counted positions whose target has the largest logit (a tie for it counts).
   """
   logits = logits.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  nll = -token_logprobs(logits, targets, log_z)
+  target_logits = _target_logits(logits, targets)
+  nll = log_z - target_logits
   weight = jnp.sum(mask)
   denom = jnp.maximum(weight, 1.0)
   loss = jnp.sum(nll * mask) / denom
   z_term = jnp.sum(jnp.square(log_z) * mask) / denom
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  # The target is counted right when no logit is above its own: a plain max, which XLA:CPU
+  # runs far faster than argmax's reduction over value-index pairs (0.2-0.3 s of bench-50M's
+  # 4096 x 32000 head, fwd+bwd, on 2 cores). Unlike argmax it counts a target tied for the top.
+  correct = (target_logits >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   metrics = {"loss": loss, "z_loss": z_term, "accuracy": jnp.sum(correct * mask) / denom,
              "weight": weight}
   return loss + z_loss * z_term, metrics
