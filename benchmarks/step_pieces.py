@@ -28,8 +28,8 @@ import json
 import os
 import statistics
 import sys
-import time
 
+from compare import timed
 from train_step import RESULT, allocator, hf_model, run_system, system_environment
 
 PRESET, BATCH, SEQ = "bench-50M", 8, 512
@@ -37,23 +37,18 @@ PIECES = ("mlp", "attention", "layer", "head", "optimizer")
 
 
 def _best_ms(fn, calls: int) -> float:
-  fn()
-  fn()
-  seconds = []
-  for _ in range(calls):
-    start = time.perf_counter()
-    fn()
-    seconds.append(time.perf_counter() - start)
-  return min(seconds) * 1e3
+  """Two warm-up calls of `fn`, then the best of `calls` timed ones, in milliseconds."""
+  return timed(fn, calls, warm_up=lambda: (fn(), fn()))["best"] * 1e3
 
 
 def ours(pieces: list[str], calls: int, attention: str) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  import optax
   from flax import nnx
 
-  from lm import configs, losses, model, optim
+  from lm import configs, losses, model, optim, sharding
 
   cfg = configs.get_preset(PRESET, compute_dtype="float32", remat="none", max_seq_len=SEQ,
                            attention=attention, scan_layers=False)
@@ -70,7 +65,7 @@ def ours(pieces: list[str], calls: int, attention: str) -> dict:
   for piece in pieces:
     if piece in modules:
       cls, call = modules[piece]
-      graphdef, params = nnx.split(cls(cfg, model.sharding.DEFAULT_RULES, rngs=nnx.Rngs(0)))
+      graphdef, params = nnx.split(cls(cfg, sharding.DEFAULT_RULES, rngs=nnx.Rngs(0)))
 
       def objective(params, x, graphdef=graphdef, call=call):
         return jnp.sum(call(nnx.merge(graphdef, params), x) ** 2)
@@ -82,7 +77,7 @@ def ours(pieces: list[str], calls: int, attention: str) -> dict:
                            * cfg.init_std)
 
       def head_loss(weight, x):
-        logits = jnp.dot(x.reshape(-1, cfg.dim), weight).reshape(BATCH, SEQ, -1)
+        logits = model.project(x, weight, out_dtype=jnp.float32)
         return losses.next_token_loss(logits, targets, jnp.ones_like(targets))[0]
 
       grad = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
@@ -96,7 +91,7 @@ def ours(pieces: list[str], calls: int, attention: str) -> dict:
       @jax.jit
       def grad(params, opt_state):
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return jax.tree.map(lambda p, u: p + u, params, updates), opt_state
+        return optax.apply_updates(params, updates), opt_state
 
       args = (params, opt_state)
     results[piece] = _best_ms(lambda: jax.block_until_ready(grad(*args)), calls)
