@@ -9,8 +9,8 @@ is passed through unchanged, and glibc's malloc gets the settings the `lm` comma
 CPU, lm/allocator.py, unless `--glibc-defaults`; the allocator in use is printed), fp32 unless
 `--dtype` says:
 
-  train    benchmarks/train_step.py's workload: bench-50M, batch 8 x 512, AdamW; tokens/s is the
-           mean over --steps steps after warm-up (that script's own measurement). Ours with
+  train    benchmarks/train_step.py's workload: bench-50M, batch 8 x 512, AdamW; tokens/s at the
+           median of --steps steps after warm-up (that script's own measurement). Ours with
            `--attention` ("blocked", the CPU presets' choice, or the "xla" reference).
   decode   bench-50M with the same random-weight shape on both sides, batch 8, a 64-token prompt,
            128 new tokens, greedy: `lm.sampling.generate` against transformers' `generate` with
@@ -44,28 +44,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
-from train_step import (RESULT, allocator, hf, hf_model, ours, run_system,
+from train_step import (RESULT, allocator, hf, hf_model, ours, run_system, timed,
                         system_environment)
 
 TRAIN = {"preset": "bench-50M", "batch": 8, "seq": 512}
 DECODE = {"preset": "bench-50M", "batch": 8, "prompt": 64, "new_tokens": 128}
 ROLLOUT = {"preset": "tiny", "batch": 128, "prompt": (90, 110), "new_tokens": 48}
-
-
-def timed(fn, rounds: int, warm_up=None) -> dict:
-  """One warm-up call (`warm_up`, default `fn`), then `rounds` timed calls of `fn`: best and
-  median seconds."""
-  (warm_up or fn)()
-  seconds = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    fn()
-    seconds.append(time.perf_counter() - start)
-  return {"best": min(seconds), "median": statistics.median(seconds)}
 
 
 def _single_device_mesh():
@@ -251,8 +237,9 @@ def main():
   env = system_environment(not args.glibc_defaults)
   print(f"allocator: {allocator(env)}; train fp32, decode (both sides) and rollout "
         f"{args.dtype or 'fp32'}; "
-        f"decode and rollout: best of {rounds} rounds after warm-up; train: mean of {steps} "
-        "steps after warm-up" + ("; ours with the layers scanned" if args.scan_layers else ""))
+        f"decode and rollout: best of {rounds} rounds after warm-up; train: median of "
+        f"{steps} steps after warm-up"
+        + ("; ours with the layers scanned" if args.scan_layers else ""))
   # The two decoders alternate, one process each time: a process's speed here varies by up to
   # 1.4x with the machine's load, so each side's best process is compared, not one draw each.
   systems = ["decode-ours", "decode-hf"] * args.decode_runs + ["rollout"]
@@ -274,7 +261,8 @@ def main():
   for system in ("train-ours", "train-hf", "train-hf-compile"):
     if results.get(system):
       r = results[system]
-      print(f"train  {r['system']:<30} {r['tokens_per_second']:>10,.0f} tokens/s")
+      print(f"train  {r['system']:<30} {r['tokens_per_second']:>10,.0f} tokens/s (median step; "
+            f"mean {r['mean_tokens_per_second']:,.0f}, {r['page_faults']:,} page faults)")
   for system in ("matmul-ours", "matmul-torch"):
     if results.get(system):
       r = results[system]

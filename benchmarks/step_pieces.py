@@ -29,8 +29,7 @@ import os
 import statistics
 import sys
 
-from compare import timed
-from train_step import RESULT, allocator, hf_model, run_system, system_environment
+from train_step import RESULT, allocator, hf_model, run_system, system_environment, timed
 
 PRESET, BATCH, SEQ = "bench-50M", 8, 512
 PIECES = ("mlp", "attention", "layer", "head", "optimizer")

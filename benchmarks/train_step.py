@@ -6,8 +6,15 @@
 Each system runs in its own subprocess with the same environment and allocator (LD_PRELOAD is
 passed through unchanged, and glibc's malloc gets the settings the `lm` command runs with on CPU,
 lm/allocator.py, unless `--glibc-defaults`; the allocator in use is printed), on the same model
-shape, batch and sequence length, fp32, AdamW. Reported: tokens/s and the ratio to ours. Ours runs
-its layers unrolled (`scan_layers=False`, as the CPU presets do) unless `--scan-layers`.
+shape, batch and sequence length, fp32, AdamW. Ours runs its layers unrolled (`scan_layers=False`,
+as the CPU presets do) unless `--scan-layers`.
+
+Every system takes two warm-up steps, then `--steps` steps timed one by one (ours waits for each
+step's result). Reported: tokens/s at the median step, the ratio to ours, and the page faults the
+timed steps took. The median, not the mean: under glibc malloc our process's heap grows once more
+after the warm-up, at a step that varies from run to run (the 3rd to the 9th here), and that one
+step takes ~1M page faults and ~6 s of kernel time to map ~4 GB; a mean over a few steps then
+measures when the heap grew rather than the step (README, "Speed on CPU").
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -22,13 +31,40 @@ import time
 RESULT = "RESULT "
 
 
-def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla",
-         scan_layers: bool = False) -> dict:
+def timed(fn, rounds: int, warm_up=None) -> dict:
+  """One warm-up call (`warm_up`, default `fn`), then `rounds` timed calls of `fn` (each must
+  return when its work is done): best, median and mean seconds, and the minor page faults the
+  timed calls took."""
+  (warm_up or fn)()
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  seconds = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    fn()
+    seconds.append(time.perf_counter() - start)
+  return {"best": min(seconds), "median": statistics.median(seconds),
+          "mean": statistics.fmean(seconds),
+          "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+
+
+def time_steps(step, steps: int) -> dict:
+  """`timed` for train steps: two warm-up steps (the first compiles), then `steps` timed ones."""
+  return timed(step, steps, warm_up=lambda: (step(), step()))
+
+
+def _throughput(name: str, timing: dict, tokens: int) -> dict:
+  return {"system": name, "tokens_per_second": tokens / timing["median"],
+          "mean_tokens_per_second": tokens / timing["mean"], "page_faults": timing["page_faults"]}
+
+
+def ours_setup(preset: str, batch: int, seq: int, attention: str = "xla",
+               scan_layers: bool = False):
+  """Our side of the workload: (trainer, its initial state, one batch, the model config)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from lm import configs, hardware, losses, model, optim, sharding, trainer
+  from lm import configs, losses, model, optim, sharding, trainer
 
   cfg = configs.get_preset(preset, compute_dtype="float32", remat="none", max_seq_len=max(seq, 128),
                            attention=attention, scan_layers=scan_layers)
@@ -43,25 +79,30 @@ def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla",
   tr = trainer.Trainer(loss_fn=loss_fn, optimizer=optim.make_optimizer(opt, 1000), schedule=None,
                        cfg=trainer.TrainConfig(steps=1000, batch_size=batch), mesh=mesh,
                        param_shardings=model.param_shardings(cfg, mesh))
-  state = tr.init_state(params)
   rng = np.random.default_rng(0)
   data = {"tokens": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
           "targets": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)}
-  # Two warm-up steps, as transformers' below: the first compiles, and under lm's glibc settings
-  # the heap settles during the second (README, "The allocator").
-  for _ in range(2):
-    state, metrics = tr.step(state, data)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = tr.step(state, data)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / steps
+  return tr, tr.init_state(params), data, cfg
+
+
+def ours(preset: str, batch: int, seq: int, steps: int, attention: str = "xla",
+         scan_layers: bool = False) -> dict:
+  import jax
+
+  from lm import configs, hardware
+
+  tr, state, data, cfg = ours_setup(preset, batch, seq, attention, scan_layers)
+  holder = [state]
+
+  def step():
+    holder[0], metrics = tr.step(holder[0], data)
+    jax.block_until_ready(metrics)
+
+  timing = time_steps(step, steps)
   flops = hardware.flops_per_token(configs.param_count(cfg), cfg.n_layers, seq, cfg.dim)
   layers = "scanned" if scan_layers else "unrolled"
-  return {"system": f"ours (JAX, {attention} attention, {layers})",
-          "tokens_per_second": batch * seq / seconds,
-          "gflops_per_second": batch * seq * flops / seconds / 1e9}
+  result = _throughput(f"ours (JAX, {attention} attention, {layers})", timing, batch * seq)
+  return result | {"gflops_per_second": result["tokens_per_second"] * flops / 1e9}
 
 
 def hf_model(preset: str, max_positions: int):
@@ -99,14 +140,8 @@ def hf(preset: str, batch: int, seq: int, steps: int, compile_model: bool) -> di
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  step()
-  step()
-  start = time.perf_counter()
-  for _ in range(steps):
-    step()
-  seconds = (time.perf_counter() - start) / steps
   name = "transformers + torch.compile" if compile_model else "transformers (eager)"
-  return {"system": name, "tokens_per_second": batch * seq / seconds}
+  return _throughput(name, time_steps(step, steps), batch * seq)
 
 
 def system_environment(lm_settings: bool = True) -> dict:
@@ -176,7 +211,8 @@ def main():
   for r in results:
     ratio = f"{r['tokens_per_second'] / base:.2f}x ours" if base else ""
     extra = f"  ({r['gflops_per_second']:.0f} GFLOP/s)" if "gflops_per_second" in r else ""
-    print(f"{r['system']:<32} {r['tokens_per_second']:>10,.0f} tokens/s  {ratio}{extra}")
+    print(f"{r['system']:<32} {r['tokens_per_second']:>10,.0f} tokens/s  {ratio}{extra}  "
+          f"[mean {r['mean_tokens_per_second']:,.0f}; {r['page_faults']:,} page faults]")
 
 
 if __name__ == "__main__":

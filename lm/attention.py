@@ -98,10 +98,14 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: j
   q = q.reshape(batch, length, kv_heads, n_heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   slots = jnp.arange(length)
+  starts = range(0, length, block)
+  # Split, not sliced: the gradient of a split is one concatenation, while the gradients of
+  # slices are padded to the full length and summed, a full-size add per block.
+  q_blocks = jnp.split(q, list(starts)[1:], axis=3)
   outs = []
-  for start in range(0, length, block):
+  for start, q_block in zip(starts, q_blocks):
     stop = min(start + block, length)
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q[:, :, :, start:stop], k[:, :, :stop],
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q_block, k[:, :, :stop],
                         preferred_element_type=jnp.float32) * (head_dim ** -0.5)
     mask = make_mask(q_segment_ids[:, start:stop], kv_segment_ids[:, :stop], slots[start:stop],
                      slots[:stop])

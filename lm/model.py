@@ -56,7 +56,9 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
   """sin, cos [B, T, H/2] in float32 for integer positions [B, T]."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.sin(angles), jnp.cos(angles)
+  # Computed once and kept: without the barrier XLA:CPU fuses sin and cos into every op that
+  # reads them, evaluating both for each head, in each layer's forward and backward pass.
+  return jax.lax.optimization_barrier((jnp.sin(angles), jnp.cos(angles)))
 
 
 def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
