@@ -47,7 +47,7 @@ def ours(pieces: list[str], calls: int, attention: str) -> dict:
   import optax
   from flax import nnx
 
-  from lm import configs, losses, model, optim, sharding
+  from lm import configs, losses, model, optim, projection, sharding
 
   cfg = configs.get_preset(PRESET, compute_dtype="float32", remat="none", max_seq_len=SEQ,
                            attention=attention, scan_layers=False)
@@ -76,7 +76,7 @@ def ours(pieces: list[str], calls: int, attention: str) -> dict:
                            * cfg.init_std)
 
       def head_loss(weight, x):
-        logits = model.project(x, weight, out_dtype=jnp.float32)
+        logits = projection.project(x, weight, out_dtype=jnp.float32)
         return losses.next_token_loss(logits, targets, jnp.ones_like(targets))[0]
 
       grad = jax.jit(jax.grad(head_loss, argnums=(0, 1)))

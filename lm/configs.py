@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 ATTENTION_IMPLS = ("xla", "blocked", "cudnn", "splash")  # lm/attention.py
+WEIGHT_LAYOUTS = ("in_out", "out_in")  # lm/model.py:PROJECTION_INPUTS
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -59,6 +60,9 @@ class ModelConfig:
   scan_layers: bool = True
   attention: str = "xla"
   attention_block: int = 64  # queries per block of attention="blocked"
+  # Projection weights stored [*in, *out] (Meta's layout; checkpoints, training) or [*out, *in]
+  # (a generation copy on CPU, `roles.in_dtype`: XLA:CPU's bf16 products read it faster).
+  weight_layout: str = "in_out"
 
   def __post_init__(self):
     problems = []
@@ -75,6 +79,8 @@ class ModelConfig:
       problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
       problems.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    if self.weight_layout not in WEIGHT_LAYOUTS:
+      problems.append(f"weight_layout={self.weight_layout!r} is not one of {WEIGHT_LAYOUTS}")
     for name in ("param_dtype", "compute_dtype"):
       try:
         jnp.dtype(getattr(self, name))

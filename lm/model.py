@@ -13,7 +13,6 @@ checkpoints are permuted on import.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -25,6 +24,7 @@ from lm import sharding
 from lm.attention import attention
 from lm.configs import ModelConfig
 from lm.kv_cache import CACHE_NAMES, KVCache
+from lm.projection import PROJECTION_INPUTS, layout_order, project
 
 Params = Any  # a nested dict of arrays: the pure-dict form of the model's nnx.State
 
@@ -37,6 +37,14 @@ def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, names, init="normal") -> nnx
     value = cfg.init_std * jax.random.normal(rngs.params(), shape, dtype)
   # Sharding is applied by `create` from these names (with divisibility checks), not eagerly.
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _weight(rngs: nnx.Rngs, cfg: ModelConfig, name: str, shape, names) -> nnx.Param:
+  """Projection weight `name`, given as [*in, *out], stored in `cfg.weight_layout`."""
+  if cfg.weight_layout == "out_in":
+    order = layout_order(len(shape), PROJECTION_INPUTS[name], False, True)
+    shape, names = tuple(shape[i] for i in order), tuple(names[i] for i in order)
+  return _param(rngs, cfg, shape, names)
 
 
 class RMSNorm(nnx.Module):
@@ -69,52 +77,25 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def project(x: jax.Array, weight: nnx.Param, contract: int = 1,
-            out_dtype: jnp.dtype | None = None) -> jax.Array:
-  """x [..., *C] times weight [*C, *O] -> [..., *O], contracting x's last `contract` dims.
-
-  Computed as one 2-D product, [rows, prod(C)] x [prod(C), prod(O)]: written as a 3-D einsum,
-  XLA:CPU's backward pass transposed each [batch x length, features] gradient for the weight
-  gradient (a third of the tiny model's step time went to those copies; 1.45x faster step).
-
-  In x's dtype, or `out_dtype` accumulated in float32. Weights stored in x's narrow dtype (a bf16
-  generation copy, `roles.in_dtype`) are multiplied with a float32 result asked for, then
-  rounded: XLA:CPU has no bf16-output dot and would run one in float32 on a float32 copy of the
-  weight, which a decode loop hoists and keeps beside the bf16 one (no byte saved). Training
-  programs (float32 weights cast per use) are left as they were, so the "dots" remat policies
-  keep saving bf16 outputs.
-  """
-  w = weight[...]
-  lead, inner, out = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:], w.shape[contract:]
-  rows = x.reshape(-1, math.prod(inner))
-  w = w.reshape(math.prod(inner), math.prod(out))
-  if out_dtype is not None:
-    y = jnp.dot(rows, w.astype(x.dtype), preferred_element_type=out_dtype)
-  elif w.dtype == x.dtype and x.dtype != jnp.float32:
-    y = jnp.dot(rows, w, preferred_element_type=jnp.float32).astype(x.dtype)
-  else:
-    y = jnp.dot(rows, w.astype(x.dtype))
-  return y.reshape(*lead, *out)
-
-
 class Attention(nnx.Module):
   """Grouped-query attention: N query heads share K key/value heads in contiguous groups."""
 
   def __init__(self, cfg: ModelConfig, rules: sharding.Rules, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
     self.rules = rules
-    self.wq = _param(rngs, cfg, (d, n, h), ("embed", "q_heads", "head_dim"))
-    self.wk = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
-    self.wv = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
-    self.wo = _param(rngs, cfg, (n, h, d), ("q_heads", "head_dim", "embed"))
+    self.wq = _weight(rngs, cfg, "wq", (d, n, h), ("embed", "q_heads", "head_dim"))
+    self.wk = _weight(rngs, cfg, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"))
+    self.wv = _weight(rngs, cfg, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"))
+    self.wo = _weight(rngs, cfg, "wo", (n, h, d), ("q_heads", "head_dim", "embed"))
     self.impl, self.block = cfg.attention, cfg.attention_block
+    self.out_in = cfg.weight_layout == "out_in"
 
   def __call__(self, x, sin, cos, segment_ids, cache_kv=None, cache_segment_ids=None, index=None,
                prefill=False):
     dtype = x.dtype
-    q = project(x, self.wq)
-    k = project(x, self.wk)
-    v = project(x, self.wv)
+    q = project(x, self.wq, out_in=self.out_in)
+    k = project(x, self.wk, out_in=self.out_in)
+    v = project(x, self.wv, out_in=self.out_in)
     q = sharding.shard(q, ("batch", "length", "act_heads", None), self.rules)
     k = sharding.shard(k, ("batch", "length", "act_kv_heads", None), self.rules)
     v = sharding.shard(v, ("batch", "length", "act_kv_heads", None), self.rules)
@@ -135,7 +116,7 @@ class Attention(nnx.Module):
                         q_slots=index + jnp.arange(q.shape[1]), kv_heads_first=True)
       new_kv = (cache_k, cache_v)
     out = sharding.shard(out, ("batch", "length", "act_heads", None), self.rules)
-    return project(out, self.wo, contract=2), new_kv
+    return project(out, self.wo, contract=2, out_in=self.out_in), new_kv
 
 
 class FeedForward(nnx.Module):
@@ -144,15 +125,16 @@ class FeedForward(nnx.Module):
   def __init__(self, cfg: ModelConfig, rules: sharding.Rules, *, rngs: nnx.Rngs):
     d, f = cfg.dim, cfg.hidden_dim
     self.rules = rules
-    self.w1 = _param(rngs, cfg, (d, f), ("embed", "mlp"))
-    self.w3 = _param(rngs, cfg, (d, f), ("embed", "mlp"))
-    self.w2 = _param(rngs, cfg, (f, d), ("mlp", "embed"))
+    self.w1 = _weight(rngs, cfg, "w1", (d, f), ("embed", "mlp"))
+    self.w3 = _weight(rngs, cfg, "w3", (d, f), ("embed", "mlp"))
+    self.w2 = _weight(rngs, cfg, "w2", (f, d), ("mlp", "embed"))
+    self.out_in = cfg.weight_layout == "out_in"
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate = project(x, self.w1)
-    up = project(x, self.w3)
+    gate = project(x, self.w1, out_in=self.out_in)
+    up = project(x, self.w3, out_in=self.out_in)
     hidden = sharding.shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), self.rules)
-    return project(hidden, self.w2)
+    return project(hidden, self.w2, out_in=self.out_in)
 
 
 class Block(nnx.Module):
@@ -305,7 +287,7 @@ class Llama(Transformer):
   def __init__(self, cfg: ModelConfig, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
                rngs: nnx.Rngs):
     super().__init__(cfg, rules, rngs=rngs)
-    self.output = _param(rngs, cfg, (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
+    self.output = _weight(rngs, cfg, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, layers=None,
                last_only=False, prefill=False):
@@ -314,7 +296,8 @@ class Llama(Transformer):
     x, cache = self.hidden_states(tokens, positions, segment_ids, cache, layers, prefill)
     if last_only:
       x = x[:, -1:]
-    logits = project(x, self.output, out_dtype=jnp.float32)
+    logits = project(x, self.output, out_dtype=jnp.float32,
+                     out_in=self.cfg.weight_layout == "out_in")
     return sharding.shard(logits, ("batch", "length", "act_vocab"), self.rules), cache
 
 

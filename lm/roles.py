@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lm import checkpoints, model, reshard, sharding
+from lm import checkpoints, model, projection, reshard, sharding
 from lm.configs import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +123,23 @@ def in_dtype(role: Role, dtype: str) -> Role:
 
   For generation, which reads every weight at every decode step: bf16 weights halve the bytes
   read, and the KV cache follows the compute dtype. Training state stays in its own dtype.
+  A bf16 copy on CPU also stores its projection weights [out, in] (`generation_layout`).
   """
   if dtype not in GENERATION_DTYPES:
     raise ValueError(f"role {role.name!r}: rollout_dtype {dtype!r} must be one of "
                      f"{GENERATION_DTYPES} (\"\" keeps the model's own)")
   if not dtype:
     return role
-  model_cfg = role.model_cfg.replace(compute_dtype=dtype)
+  layout = generation_layout(dtype, role.params)
+  model_cfg = role.model_cfg.replace(compute_dtype=dtype, weight_layout=layout)
   graphdef, _ = model.abstract_model(model_cfg, role.head, role.rules)
-  return dataclasses.replace(role, model_cfg=model_cfg, graphdef=graphdef,
-                             params=cast(role.params, dtype))
+  params = projection.relayout(cast(role.params, dtype), role.model_cfg.weight_layout, layout)
+  return dataclasses.replace(role, model_cfg=model_cfg, graphdef=graphdef, params=params)
+
+
+def generation_layout(dtype: str, params: Any) -> str:
+  """The weight layout of a generation copy in `dtype` of `params` (lm/projection.py): "out_in"
+  for bf16 on CPU devices, where it ran 1.1x faster (its fp32 products ran slower so), else
+  "in_out"."""
+  on_cpu = all(d.platform == "cpu" for d in jax.tree.leaves(params)[0].devices())
+  return "out_in" if dtype == "bfloat16" and on_cpu else "in_out"

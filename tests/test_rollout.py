@@ -153,6 +153,9 @@ def test_a_bf16_rollout_copy_reads_half_width_weights_and_leaves_the_policy_alon
   assert {a.dtype for a in jax.tree.leaves(copy.params)} == {jnp.dtype(jnp.bfloat16)}
   assert {a.dtype for a in jax.tree.leaves(policy.params)} == {jnp.dtype(jnp.float32)}
   assert copy.model_cfg.compute_dtype == "bfloat16" and policy.model_cfg.compute_dtype == "float32"
+  # On CPU the copy's projection weights are [out, in] (lm/projection.py); the policy's are not.
+  assert (copy.model_cfg.weight_layout, policy.model_cfg.weight_layout) == ("out_in", "in_out")
+  assert copy.params["output"].shape == policy.params["output"].shape[::-1]
   gap = sampled_logprob_gap(copy, policy)
   print(f"bf16-weight rollout vs fp32 teacher-forced logprobs: max |diff| = {gap:.4f}")
   # Measured 0.0019, as above: bf16 compute already rounds each weight to bf16 where it is used,
