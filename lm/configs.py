@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 ATTENTION_IMPLS = ("xla", "blocked", "cudnn", "splash")  # lm/attention.py
-WEIGHT_LAYOUTS = ("in_out", "out_in")  # lm/model.py:PROJECTION_INPUTS
+WEIGHT_LAYOUTS = ("in_out", "out_in")  # lm/projection.py
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
