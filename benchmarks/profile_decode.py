@@ -25,7 +25,8 @@ from profile_step import hlo_ops, report, trace_events
 
 def step_breakdown(events, ops: dict, output_shape: str):
   """(median step's ms, {kind or product shape: op ms}) over the steps delimited by the ends of
-  the output projection (the op of `output_shape`), the first and last fifth left out."""
+  the output projection (the op of `output_shape`), the first and last fifth left out; None
+  for fewer than 5 such steps."""
   ends = sorted(end for _, end, name in events
                 if ops[name]["shape"] == output_shape and "product" in ops[name]["kind"])
   steps = []
@@ -37,6 +38,8 @@ def step_breakdown(events, ops: dict, output_shape: str):
         by_kind[f"{op['kind']} {op['shape']}" if "product" in op["kind"] else op["kind"]] += (
             (end - start) / 1e3)
     steps.append(((last - first) / 1e3, by_kind))
+  if len(steps) < 5:
+    return None
   steps.sort(key=lambda step: step[0])
   return steps[len(steps) // 2]
 
@@ -88,7 +91,11 @@ def main():
     jax.profiler.stop_trace()
     events = trace_events(trace_dir, ops)
   report(events, ops, args.new_tokens, seconds / args.new_tokens, args.top)
-  step_ms, by_kind = step_breakdown(events, ops, f"f32[{args.batch},{cfg.vocab_size}]")
+  median = step_breakdown(events, ops, f"f32[{args.batch},{cfg.vocab_size}]")
+  if median is None:
+    print("\ntoo few decode steps for the median step's breakdown (--new-tokens of 16 or more)")
+    return
+  step_ms, by_kind = median
   print(f"\nthe median decode step: {step_ms:.2f} ms; op ms by kind (products by output shape)")
   for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
     print(f"{ms:8.3f}  {kind}")
