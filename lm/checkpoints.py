@@ -48,6 +48,11 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
 def write_model_info(directory: str | os.PathLike, cfg: ModelConfig, head: str = "lm",
                      tokenizer_path: str | os.PathLike | None = None) -> None:
   """Writes DIR/model.json (and copies the tokenizer in) so the directory is self-describing."""
+  if cfg.weight_layout != "in_out":
+    # Conversion, export and every loader read model directories in Meta's [in, out] layout.
+    raise ValueError(f"{directory}: a model directory holds [in, out] weights; this config is a "
+                     f"generation copy's (weight_layout={cfg.weight_layout!r}): save the model "
+                     "it was made from")
   os.makedirs(directory, exist_ok=True)
   if jax.process_index() != 0:
     return

@@ -37,6 +37,10 @@ def test_model_directory_errors_say_what_is_missing(tmp_path):
   (tmp_path / "model.json").write_text(json.dumps({"model": {"dimm": 3}}))
   with pytest.raises(ValueError, match="unknown ModelConfig fields"):
     checkpoints.read_model_info(tmp_path)
+  # A generation copy's [out, in] weights (roles.in_dtype on CPU) are never saved as a model.
+  with pytest.raises(ValueError, match="generation copy's .weight_layout='out_in'"):
+    checkpoints.write_model_info(tmp_path / "copy", CFG.replace(weight_layout="out_in"))
+  assert not (tmp_path / "copy").exists()
 
 
 def test_interrupted_save_is_not_a_checkpoint(tmp_path):
