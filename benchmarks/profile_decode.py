@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import tempfile
 import time
 
-from profile_step import hlo_ops, report, trace_events
+from profile_step import enable_op_trace, hlo_ops, report, traced
 
 
 def step_breakdown(events, ops: dict, output_shape: str):
@@ -53,8 +51,7 @@ def main():
   parser.add_argument("--top", type=int, default=25, help="ops listed")
   parser.add_argument("--trace-dir", default=None, help="keep the trace here")
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_cpu_enable_xprof_traceme=true").strip()
+  enable_op_trace()
   import jax
   import numpy as np
 
@@ -82,14 +79,8 @@ def main():
         f"after the first: {', '.join(f'{t:.3f}' for t in times[1:])} s "
         f"({new / min(times[1:]):,.0f} new tokens/s at the best)")
   ops = hlo_ops(compiled.as_text())
-  with tempfile.TemporaryDirectory() as scratch:
-    trace_dir = args.trace_dir or scratch
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*inputs))
-    seconds = time.perf_counter() - start
-    jax.profiler.stop_trace()
-    events = trace_events(trace_dir, ops)
+  events, seconds = traced(lambda: jax.block_until_ready(compiled(*inputs)), 1, ops,
+                           args.trace_dir)
   report(events, ops, args.new_tokens, seconds / args.new_tokens, args.top)
   median = step_breakdown(events, ops, f"f32[{args.batch},{cfg.vocab_size}]")
   if median is None:

@@ -97,6 +97,28 @@ def trace_events(trace_dir: str, ops: dict) -> list[tuple[float, float, str]]:
           if e.get("ph") == "X" and e.get("name") in ops]
 
 
+def enable_op_trace() -> None:
+  """Asks XLA:CPU for its per-op trace events; call before jax is imported."""
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+
+def traced(run, calls: int, ops: dict, trace_dir: str | None):
+  """(trace_events of `calls` calls of `run` over `ops`, seconds a call), traced into
+  `trace_dir` (kept) or a temporary directory."""
+  import jax
+
+  with tempfile.TemporaryDirectory() as scratch:
+    directory = trace_dir or scratch
+    jax.profiler.start_trace(directory, create_perfetto_trace=True)
+    start = time.perf_counter()
+    for _ in range(calls):
+      run()
+    seconds = (time.perf_counter() - start) / calls
+    jax.profiler.stop_trace()
+    return trace_events(directory, ops), seconds
+
+
 def concurrency(events: list[tuple[float, float, str]]) -> dict[str, float]:
   """Microseconds with 0, 1 and 2+ ops running, between the first op's start and the last's end."""
   edges = sorted([(start, 1) for start, _, _ in events] + [(end, -1) for _, end, _ in events])
@@ -147,8 +169,7 @@ def main():
   parser.add_argument("--top", type=int, default=25, help="ops listed")
   parser.add_argument("--trace-dir", default=None, help="keep the trace here")
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_cpu_enable_xprof_traceme=true").strip()
+  enable_op_trace()
   import jax
 
   tr, state, data, _ = ours_setup(args.preset, args.batch, args.seq, args.attention,
@@ -169,17 +190,8 @@ def main():
     step()
     if resource.getrusage(resource.RUSAGE_SELF).ru_minflt == faults:
       break
-  hlo = compiled.as_text()
-  ops = hlo_ops(hlo)
-  with tempfile.TemporaryDirectory() as scratch:
-    trace_dir = args.trace_dir or scratch
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      step()
-    step_seconds = (time.perf_counter() - start) / args.steps
-    jax.profiler.stop_trace()
-    events = trace_events(trace_dir, ops)
+  ops = hlo_ops(compiled.as_text())
+  events, step_seconds = traced(step, args.steps, ops, args.trace_dir)
   report(events, ops, args.steps, step_seconds, args.top)
 
 

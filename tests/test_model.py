@@ -192,8 +192,8 @@ def test_bfloat16_weights_are_multiplied_in_bfloat16():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_out_in_weights_give_the_same_numbers_sharded(dtype):
   """weight_layout="out_in" (generation copies on CPU): every projection weight transposed by
-  `projection.relayout` is multiplied the other way round; logits and the KV-cache decode are the
-  same as the [in, out] model's, on a mesh sharding the weights."""
+  `projection.relayout` is multiplied the other way round; the logits are the [in, out] model's,
+  on a mesh sharding the weights, and the relayout round-trips."""
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 2, 2, 2))
   cfg = CFG.replace(compute_dtype=dtype, param_dtype=dtype)
   graphdef, params = model.create(cfg, mesh, seed=3)
